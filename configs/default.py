@@ -1,0 +1,111 @@
+"""Default experiment: a tiny ARL2 model (75% hybrid layers) on the embedded Moving-Digits data.
+
+Run (trains on CPU for a bounded time, then streams a long video into the workdir):
+
+  python main.py --workdir=runs/default
+
+Variants (`--config=configs/default.py:VARIANT`):
+  arl2      the default: 75% hybrid layers, earliest layers hybrid
+  softmax   all-softmax teacher (0% hybrid)
+  hybrid100 every layer hybrid (constant-memory streaming)
+  mixed     50% hybrid
+  smoke     the whole main job in well under 2 minutes on 2 CPU cores
+  wan1_3b   the exact Wan2.1-1.3B shapes (build abstractly; not for CPU training)
+Any field can be overridden: --config.model.num_layers=6 --config.train.num_steps=100.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """The model family: the tiny CPU model by default; see `wan1_3b_model` for paper shapes."""
+  m = ml_collections.ConfigDict()
+  m.in_channels = 1            # video channels (pixel space in the tiny configs; 16 latents in Wan)
+  m.out_channels = 1           # predicted channels (flow velocity)
+  m.patch_size = (1, 4, 4)     # (pt, ph, pw): Conv3d kernel = stride
+  m.frames_per_chunk = 2       # F: video frames per autoregressive chunk
+  m.dim = 96                   # model width
+  m.num_layers = 4             # transformer blocks
+  m.num_heads = 3              # attention heads; head dim = dim / num_heads
+  m.mlp_dim = 256              # MLP hidden width
+  m.freq_dim = 256             # sinusoidal timestep embedding size (Wan: 256)
+  m.eps = 1e-6                 # LayerNorm / RMSNorm epsilon
+  m.rope_theta = 10000.0       # RoPE base (Wan: 10000)
+  m.cond = "labels"            # "labels" (digit tokens), "none" (unconditional), "embeddings"
+  m.num_classes = 10           # label vocabulary for cond="labels"
+  m.text_dim = 64              # width of the conditioning tokens (Wan umT5: 4096)
+  m.dtype = "float32"          # compute dtype of linear layers ("float32" or "bfloat16")
+  m.hybrid = ml_collections.ConfigDict()
+  m.hybrid.layers = placeholder(tuple)  # explicit hybrid
+  #                              layer indices; overrides `ratio` when set
+  m.hybrid.ratio = 0.75        # fraction of layers made hybrid, earliest first (authors' example)
+  m.kv_cache = ml_collections.ConfigDict()
+  m.kv_cache.sink_chunks = 0   # softmax layers: first S chunks always kept (with window > 0)
+  m.kv_cache.window_chunks = 0  # softmax layers: keep only the last W chunks; 0 = unbounded
+  m.attention_impl = placeholder(str)  # local attention
+  #                              back-end: None (auto), "xla", "reference", "pallas"
+  m.memory_impl = placeholder(str)  # gated-delta back-end
+  m.gdn_chunk_size = 64        # sub-chunk C of the chunked WY/UT gated delta rule
+  return m
+
+
+def wan1_3b_model() -> ml_collections.ConfigDict:
+  """Wan2.1-T2V-1.3B shapes with ARL2's default 75% hybrid layers."""
+  m = model_config()
+  m.in_channels = 16
+  m.out_channels = 16
+  m.patch_size = (1, 2, 2)
+  m.frames_per_chunk = 3
+  m.dim = 1536
+  m.num_layers = 30
+  m.num_heads = 12
+  m.mlp_dim = 8960
+  m.cond = "embeddings"
+  m.text_dim = 4096
+  m.dtype = "bfloat16"
+  return m
+
+
+def wan1_3b_sampler(s: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  s.clip_x0 = False            # latents are not bounded
+  return s
+
+
+def sampler_config() -> ml_collections.ConfigDict:
+  s = ml_collections.ConfigDict()
+  s.kind = "few_step"          # "few_step" (x0 prediction + re-noise) or "euler" (flow ODE)
+  s.timesteps = (1000, 750, 500, 250)  # few_step schedule on the 0..1000 scale (paper)
+  s.shift = 5.0                # timestep shift t' = s t / (1 + (s - 1) t) (paper: 5)
+  s.num_steps = 8              # euler: number of steps
+  s.clip_x0 = True             # clip each denoised chunk to [-1, 1] (pixel-space models)
+  s.num_frames = 128           # frames to stream in --mode=sample
+  s.cache_chunks = 8           # initial K/V cache slots; grows by doubling when unbounded
+  s.seed = 0                   # sampling seed
+  return s
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the config of variant `arg` (see module docstring)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0                   # model init seed
+  c.model = model_config()
+  c.sampler = sampler_config()
+  variant = arg or "arl2"
+  if variant == "arl2":
+    pass
+  elif variant == "softmax":
+    c.model.hybrid.ratio = 0.0
+  elif variant == "hybrid100":
+    c.model.hybrid.ratio = 1.0
+  elif variant == "mixed":
+    c.model.hybrid.ratio = 0.5
+  elif variant == "wan1_3b":
+    c.model = wan1_3b_model()
+    c.sampler = wan1_3b_sampler(c.sampler)
+  else:
+    raise ValueError(f"unknown config variant {variant!r}; choose arl2, softmax, hybrid100, "
+                     "mixed, wan1_3b")
+  return c

@@ -1,0 +1,152 @@
+"""The ARL2 hybrid attention layer (method doc §3).
+
+Shared W_q, W_k, W_v, W_o and q/k RMSNorm with the softmax layer, then two branches:
+
+  intra_t = softmax attention of token t over the L tokens of its own chunk (RoPE on q, k)
+  q_g = L2Norm(RoPE(phi_q q)),  k_g = L2Norm(RoPE(phi_k k)),  v_g = phi_v v
+  inter_t = D^-1/2 * q_g,t . S_{n-1}              (block-level read of the pre-update state)
+  S_n = GDN_scan(S_{n-1}; k_g, v_g, g, beta)       (clean context pass only)
+  y_t = W_o concat_h(intra_t + sigmoid(x_t W_gate) * inter_t)
+
+with g_t = -exp(A_log) softplus(x_t W_a + dt_bias) <= 0 and beta_t = 2 sigmoid(x_t W_b).
+The state S is stored K-first: h = S^T in R^{D_k x D_v}, fp32. No K/V cache is kept.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hybrid_video.attention import QKVProjection
+from hybrid_video.embeddings import apply_rope
+from kernels.gated_delta import api as gdn_api
+from kernels.local_attention import api as attention_api
+
+GATE_GAIN = 2.0 ** -2.5
+
+
+def _l2norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def _a_log_init(key, shape, dtype=jnp.float32):
+  """A ~ U(0, 16), A_log = log A (Gated DeltaNet)."""
+  a = jax.random.uniform(key, shape, jnp.float32, minval=0.0, maxval=16.0)
+  return jnp.log(jnp.maximum(a, 1e-6)).astype(dtype)
+
+
+def _dt_bias_init(key, shape, dtype=jnp.float32, dt_min=1e-3, dt_max=1e-1, dt_floor=1e-4):
+  """dt ~ logU(dt_min, dt_max) clamped >= dt_floor; dt_bias = inverse softplus(dt)."""
+  u = jax.random.uniform(key, shape, jnp.float32)
+  dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+  dt = jnp.maximum(dt, dt_floor)
+  return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+
+class HybridAttention(QKVProjection):
+  """ARL2 layer: intra-chunk softmax + gated-delta memory of earlier chunks."""
+
+  def __init__(self, dim, num_heads, eps, *, rngs, dtype=None, attention_impl=None,
+               memory_impl=None, gdn_chunk_size: int = 64):
+    super().__init__(dim, num_heads, eps, rngs=rngs, dtype=dtype)
+    h, d = self.num_heads, self.head_dim
+    self.attention_impl = attention_impl
+    self.memory_impl = memory_impl
+    self.gdn_chunk_size = gdn_chunk_size
+    eye = jnp.broadcast_to(jnp.eye(d, dtype=jnp.float32), (h, d, d))
+    self.phi_q = nnx.Param(eye)
+    self.phi_k = nnx.Param(eye)
+    self.phi_v = nnx.Param(eye)
+    xavier = nnx.initializers.variance_scaling(GATE_GAIN ** 2, "fan_avg", "uniform")
+    gate = lambda: nnx.Linear(dim, h, use_bias=False, kernel_init=xavier, rngs=rngs)
+    self.w_a, self.w_b, self.w_gate = gate(), gate(), gate()
+    self.a_log = nnx.Param(_a_log_init(rngs.params(), (h,)))
+    self.dt_bias = nnx.Param(_dt_bias_init(rngs.params(), (h,)))
+
+  # -- pieces ------------------------------------------------------------------------------------
+
+  def _phi(self, phi, x):
+    return jnp.einsum("bthd,hde->bthe", x.astype(jnp.float32), phi[...].astype(jnp.float32))
+
+  def branches(self, x, angles):
+    """x [B, T, dim] -> dict of intra q/k/v (rotated) and memory q_g/k_g/v_g, each [B, T, H, D]."""
+    q, k, v = self.project(x)
+    return {
+        "q": apply_rope(q, angles), "k": apply_rope(k, angles), "v": v,
+        "qg": _l2norm(apply_rope(self._phi(self.phi_q, q), angles)),
+        "kg": _l2norm(apply_rope(self._phi(self.phi_k, k), angles)),
+        "vg": self._phi(self.phi_v, v),
+    }
+
+  def write_gates(self, x):
+    """x [B, T, dim] -> (g, beta) [B, T, H] in fp32; g <= 0 and beta in (0, 2)."""
+    x = x.astype(jnp.float32)
+    a = self.w_a(x).astype(jnp.float32) + self.dt_bias[...]
+    g = -jnp.exp(self.a_log[...].astype(jnp.float32)) * jax.nn.softplus(a)
+    beta = 2.0 * jax.nn.sigmoid(self.w_b(x).astype(jnp.float32))
+    return g, beta
+
+  def output_gate(self, x):
+    """gamma [B, T, H] = sigmoid(x W_gate), one gate per token and head."""
+    return jax.nn.sigmoid(self.w_gate(x).astype(jnp.float32))
+
+  def fuse(self, x, intra, inter):
+    gamma = self.output_gate(x)[..., None]
+    return self.out((intra.astype(jnp.float32) + gamma * inter).astype(intra.dtype))
+
+  def read(self, qg, state):
+    """Block-level read: D^-1/2 q_g . h for every token. qg [B, T, H, K], state [B, H, K, V]."""
+    scale = self.head_dim ** -0.5
+    return jnp.einsum("bthk,bhkv->bthv", qg * scale, state,
+                      precision=jax.lax.Precision.HIGHEST)
+
+  # -- forwards ----------------------------------------------------------------------------------
+
+  def teacher_forcing(self, x_clean, x_noisy, angles, num_chunks: int):
+    """Teacher-forcing forward over N chunks, x_* [B, N*L, dim] -> (y_clean, y_noisy).
+
+    States are built from the clean chunks only; both copies of chunk n read S_{n-1}.
+    """
+    b, t, _ = x_clean.shape
+    n, l = num_chunks, t // num_chunks
+    c, z = self.branches(x_clean, angles), self.branches(x_noisy, angles)
+    chunked = lambda a: a.reshape(b, n, l, *a.shape[2:])
+    intra_c = attention_api.chunk_local_attention(
+        chunked(c["q"]), chunked(c["k"]), chunked(c["v"]), implementation=self.attention_impl)
+    intra_n = attention_api.chunk_local_attention(
+        chunked(z["q"]), chunked(z["k"]), chunked(z["v"]), implementation=self.attention_impl)
+    g, beta = self.write_gates(x_clean)
+    q_read = jnp.concatenate([chunked(c["qg"]), chunked(z["qg"])], axis=2)  # [B, N, 2L, H, K]
+    reads, _, _ = gdn_api.arl2_memory(
+        q_read, chunked(c["kg"]), chunked(c["vg"]), chunked(g), chunked(beta),
+        initial_state=None, scale=self.head_dim ** -0.5, chunk_size=self.gdn_chunk_size,
+        implementation=self.memory_impl)
+    flat = lambda a: a.reshape(b, t, *a.shape[3:])
+    inter_c, inter_n = flat(reads[:, :, :l]), flat(reads[:, :, l:])
+    y_c = self.fuse(x_clean, intra_c.reshape(b, t, *intra_c.shape[3:]), inter_c)
+    y_n = self.fuse(x_noisy, intra_n.reshape(b, t, *intra_n.shape[3:]), inter_n)
+    return y_c, y_n
+
+  def step(self, x, angles, state, write: bool):
+    """One chunk. x [B, L, dim], state [B, H, K, V] fp32 = S_{n-1}.
+
+    Denoising passes only read the state; the context pass (write=True) also returns S_n.
+    """
+    br = self.branches(x, angles)
+    one = lambda a: a[:, None]
+    intra = attention_api.chunk_local_attention(
+        one(br["q"]), one(br["k"]), one(br["v"]), implementation=self.attention_impl)[:, 0]
+    if write:
+      g, beta = self.write_gates(x)
+      reads, _, state = gdn_api.arl2_memory(
+          one(br["qg"]), one(br["kg"]), one(br["vg"]), one(g), one(beta),
+          initial_state=state, scale=self.head_dim ** -0.5, chunk_size=self.gdn_chunk_size,
+          implementation=self.memory_impl)
+      inter = reads[:, 0]
+    else:
+      inter = self.read(br["qg"], state)
+    return self.fuse(x, intra, inter), state

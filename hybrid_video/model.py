@@ -1,0 +1,253 @@
+"""The causal Wan-style video DiT with softmax and ARL2 hybrid layers (method doc §2–§6).
+
+Two forwards share every parameter:
+- `teacher_forcing(clean, noisy, t, cond)`: one parallel pass over [clean chunks ; noisy chunks]
+  (training);
+- `step(x, t, context, carry, write)`: one chunk against the carry (streaming sampler). The carry
+  holds each softmax layer's K/V cache and each hybrid layer's state S [B, H, D, D] (fp32).
+
+Shapes: video [B, T, Hi, Wi, C]; F frames per chunk; after patchify Tp = T/pt latent token
+frames, N = Hp*Wp tokens per frame, L = Fp*N tokens per chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hybrid_video.blocks import Block, modulate
+from hybrid_video.embeddings import (ConditionEmbed, PatchEmbed, TimeEmbed, rope_angles,
+                                     unpatchify)
+
+Carry = dict[str, Any]
+
+
+def resolve_hybrid_layers(num_layers: int, layers: Sequence[int] | None = None,
+                          ratio: float | None = 0.75) -> tuple[int, ...]:
+  """Which blocks are hybrid: an explicit list wins; otherwise the earliest round(ratio*layers)."""
+  if layers is not None:
+    layers = tuple(int(i) for i in layers)
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+      raise ValueError(f"hybrid layer indices {bad} are out of range for {num_layers=} "
+                       f"(valid: 0..{num_layers - 1})")
+    if len(set(layers)) != len(layers):
+      raise ValueError(f"hybrid layer indices {list(layers)} contain duplicates")
+    return tuple(sorted(layers))
+  ratio = 0.0 if ratio is None else float(ratio)
+  if not 0.0 <= ratio <= 1.0:
+    raise ValueError(f"hybrid ratio {ratio} must be in [0, 1]")
+  return tuple(range(int(round(ratio * num_layers))))
+
+
+class CausalDiT(nnx.Module):
+  """Chunk-autoregressive DiT. `cfg` is the `model` ConfigDict of configs/default.py."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.patch_size = tuple(int(p) for p in cfg.patch_size)
+    self.frames_per_chunk = int(cfg.frames_per_chunk)
+    if self.frames_per_chunk <= 0 or self.frames_per_chunk % self.patch_size[0]:
+      raise ValueError(f"model.frames_per_chunk={self.frames_per_chunk} must be a positive "
+                       f"multiple of the temporal patch {self.patch_size[0]}")
+    self.in_channels = int(cfg.in_channels)
+    self.out_channels = int(cfg.out_channels)
+    self.dim = int(cfg.dim)
+    self.num_heads = int(cfg.num_heads)
+    self.head_dim = self.dim // self.num_heads
+    self.rope_theta = float(cfg.rope_theta)
+    self.sink_chunks = int(cfg.kv_cache.sink_chunks)
+    self.window_chunks = int(cfg.kv_cache.window_chunks)
+    if self.window_chunks < 0 or self.sink_chunks < 0:
+      raise ValueError("model.kv_cache.sink_chunks and window_chunks must be >= 0")
+    self.hybrid_layers = resolve_hybrid_layers(cfg.num_layers, cfg.hybrid.layers,
+                                               cfg.hybrid.ratio)
+    self.patch_embed = PatchEmbed(cfg.in_channels, cfg.dim, self.patch_size, rngs=rngs)
+    self.time_embed = TimeEmbed(cfg.freq_dim, cfg.dim, rngs=rngs)
+    self.cond_embed = ConditionEmbed(cfg.cond, cfg.num_classes, cfg.text_dim, cfg.dim, rngs=rngs)
+    self.blocks = nnx.List([Block(cfg, i in self.hybrid_layers, rngs=rngs)
+                            for i in range(cfg.num_layers)])
+    self.head_norm = nnx.LayerNorm(cfg.dim, epsilon=cfg.eps, use_bias=False, use_scale=False,
+                                   rngs=rngs)
+    self.head_modulation = nnx.Param(jax.random.normal(rngs.params(), (1, 2, cfg.dim))
+                                     / cfg.dim ** 0.5)
+    self.head = nnx.Linear(cfg.dim, math.prod(self.patch_size) * cfg.out_channels,
+                           kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+
+  # -- shared pieces -----------------------------------------------------------------------------
+
+  @property
+  def bounded_cache(self) -> bool:
+    return self.window_chunks > 0
+
+  @property
+  def softmax_layers(self) -> tuple[int, ...]:
+    return tuple(i for i in range(len(self.blocks)) if i not in self.hybrid_layers)
+
+  def check_video(self, video_shape, *, what: str = "video"):
+    """Clear errors for shapes the model cannot take. video_shape = (B, T, Hi, Wi, C)."""
+    if len(video_shape) != 5:
+      raise ValueError(f"{what} must be [B, T, H, W, C], got shape {tuple(video_shape)}")
+    _, t, h, w, c = video_shape
+    pt, ph, pw = self.patch_size
+    if h % ph or w % pw:
+      raise ValueError(f"frame size {h}x{w} is not divisible by the patch size {ph}x{pw}")
+    if c != self.in_channels:
+      raise ValueError(f"{what} has {c} channels, the model expects {self.in_channels}")
+    if t % self.frames_per_chunk:
+      raise ValueError(f"frames_per_chunk={self.frames_per_chunk} does not divide the clip "
+                       f"length {t}")
+
+  def embed_condition(self, cond, batch: int) -> jax.Array:
+    """Conditioning tokens [B, M, dim] (computed once per video by the sampler)."""
+    return self.cond_embed(cond, batch)
+
+  def _tokens(self, video):
+    x = self.patch_embed(video)  # [B, Tp, Hp, Wp, dim]
+    b, tp, hp, wp, d = x.shape
+    return x.reshape(b, tp * hp * wp, d), (tp, hp, wp)
+
+  def _head(self, x, e, grid):
+    """x [B, Tp*N, dim], e [B, Tp, dim] -> [B, T, Hi, Wi, C_out]."""
+    m = self.head_modulation[...].astype(jnp.float32)[:, None] + e[:, :, None].astype(jnp.float32)
+    out = self.head(modulate(self.head_norm(x), m[:, :, 0], m[:, :, 1]))
+    tp, hp, wp = grid
+    out = out.reshape(out.shape[0], tp, hp, wp, out.shape[-1])
+    return unpatchify(out, self.patch_size, self.out_channels)
+
+  # -- teacher forcing ---------------------------------------------------------------------------
+
+  def teacher_forcing(self, clean, noisy, t, cond=None):
+    """Parallel training forward (method doc §6).
+
+    clean, noisy [B, T, Hi, Wi, C] (T = N*F); t [B, N] noise level of each noisy chunk in [0, 1];
+    cond: labels [B, M], embeddings [B, M, text_dim] or None.
+    Returns the prediction (flow velocity) for the noisy chunks, [B, T, Hi, Wi, C_out].
+    """
+    self.check_video(clean.shape, what="clean video")
+    if noisy.shape != clean.shape:
+      raise ValueError(f"noisy shape {noisy.shape} differs from clean shape {clean.shape}")
+    b, frames = clean.shape[:2]
+    num_chunks = frames // self.frames_per_chunk
+    if t.shape != (b, num_chunks):
+      raise ValueError(f"t has shape {t.shape}, expected (B, num_chunks) = {(b, num_chunks)}")
+    xc, grid = self._tokens(clean)
+    xn, _ = self._tokens(noisy)
+    fp = self.frames_per_chunk // self.patch_size[0]
+    t_frames = jnp.repeat(t.astype(jnp.float32), fp, axis=1)  # [B, Tp]
+    _, e0c = self.time_embed(jnp.zeros_like(t_frames))
+    en, e0n = self.time_embed(t_frames)
+    context = self.embed_condition(cond, b)
+    angles = rope_angles(0, grid[0], grid[1], grid[2], self.head_dim, self.rope_theta)
+    for block in self.blocks:
+      xc, xn = block.teacher_forcing(xc, xn, e0c, e0n, context, angles, num_chunks)
+    return self._head(xn, en, grid)
+
+  # -- streaming ---------------------------------------------------------------------------------
+
+  def chunk_grid(self, frame_hw) -> tuple[int, int, int]:
+    h, w = frame_hw
+    pt, ph, pw = self.patch_size
+    if h % ph or w % pw:
+      raise ValueError(f"frame size {h}x{w} is not divisible by the patch size {ph}x{pw}")
+    return self.frames_per_chunk // pt, h // ph, w // pw
+
+  def cache_capacity(self, requested_chunks: int) -> int:
+    """Slots of the K/V cache: sinks + window when bounded, else the requested count."""
+    if self.bounded_cache:
+      return self.sink_chunks + self.window_chunks
+    return max(int(requested_chunks), 1)
+
+  def init_carry(self, batch: int, frame_hw, capacity_chunks: int = 1,
+                 cache_dtype=jnp.float32) -> Carry:
+    """Empty carry: zero states, empty K/V caches of `capacity_chunks` slots (see grow_carry)."""
+    fp, hp, wp = self.chunk_grid(frame_hw)
+    chunk_len = fp * hp * wp
+    cap = self.cache_capacity(capacity_chunks) if self.softmax_layers else 0
+    h, d = self.num_heads, self.head_dim
+    layers = []
+    for i in range(len(self.blocks)):
+      if i in self.hybrid_layers:
+        layers.append({"state": jnp.zeros((batch, h, d, d), jnp.float32)})
+      else:
+        z = jnp.zeros((batch, cap * chunk_len, h, d), cache_dtype)
+        layers.append({"k": z, "v": z})
+    return {
+        "layers": tuple(layers),
+        "slot_chunk": jnp.full((cap,), -1, jnp.int32),  # chunk index held by each cache slot
+        "chunk": jnp.zeros((), jnp.int32),               # index of the next chunk
+    }
+
+  def _write_slot(self, chunk):
+    if not self.bounded_cache:
+      return chunk
+    s, w = self.sink_chunks, self.window_chunks
+    return jnp.where(chunk < s + w, chunk, s + (chunk - s) % w)
+
+  def step(self, x, t, context, carry: Carry, *, write: bool):
+    """One chunk through the model.
+
+    x [B, F, Hi, Wi, C]; t [B] noise level; context [B, M, dim] from embed_condition.
+    Denoising passes (write=False) read the carry; the context pass (write=True, t = 0 on the
+    clean chunk) writes K/V and S_n and advances the chunk counter.
+    Returns (prediction [B, F, Hi, Wi, C_out], carry).
+    """
+    b = x.shape[0]
+    fp, hp, wp = self.chunk_grid(x.shape[2:4])
+    chunk_len = fp * hp * wp
+    tokens, grid = self._tokens(x)
+    chunk = carry["chunk"]
+    angles = rope_angles(chunk * fp, fp, hp, wp, self.head_dim, self.rope_theta)
+    e, e0 = self.time_embed(jnp.broadcast_to(t.astype(jnp.float32)[:, None], (b, fp)))
+    slot = self._write_slot(chunk)
+    valid = jnp.repeat(carry["slot_chunk"] >= 0, chunk_len)
+    cache_ctx = (valid, slot, chunk_len)
+    layers = []
+    for block, layer_carry in zip(self.blocks, carry["layers"]):
+      tokens, layer_carry = block.step(tokens, e0, context, angles, layer_carry, cache_ctx, write)
+      layers.append(layer_carry)
+    out = self._head(tokens, e, grid)
+    if not write:
+      return out, carry
+    slot_chunk = carry["slot_chunk"]
+    if slot_chunk.shape[0]:
+      slot_chunk = slot_chunk.at[slot].set(chunk)
+    return out, {"layers": tuple(layers), "slot_chunk": slot_chunk, "chunk": chunk + 1}
+
+
+def grow_carry(carry: Carry, capacity_chunks: int) -> Carry:
+  """Enlarge every softmax layer's K/V cache to `capacity_chunks` slots (new slots empty)."""
+  old = carry["slot_chunk"].shape[0]
+  if capacity_chunks <= old:
+    return carry
+  layers = []
+  for lc in carry["layers"]:
+    if "k" in lc:
+      chunk_len = lc["k"].shape[1] // old
+      pad = ((0, 0), (0, (capacity_chunks - old) * chunk_len), (0, 0), (0, 0))
+      lc = {"k": jnp.pad(lc["k"], pad), "v": jnp.pad(lc["v"], pad)}
+    layers.append(lc)
+  slot_chunk = jnp.concatenate(
+      [carry["slot_chunk"], jnp.full((capacity_chunks - old,), -1, jnp.int32)])
+  return {"layers": tuple(layers), "slot_chunk": slot_chunk, "chunk": carry["chunk"]}
+
+
+def carry_bytes(carry: Carry) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(carry))
+
+
+def build_model(cfg, seed: int = 0) -> CausalDiT:
+  return CausalDiT(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg) -> CausalDiT:
+  """The model with ShapeDtypeStruct parameters: nothing is allocated."""
+  return nnx.eval_shape(lambda: CausalDiT(cfg, rngs=nnx.Rngs(0)))
+
+
+def count_params(model: CausalDiT) -> int:
+  state = nnx.state(model, nnx.Param)
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
