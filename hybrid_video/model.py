@@ -173,8 +173,8 @@ class CausalDiT(nnx.Module):
       if i in self.hybrid_layers:
         layers.append({"state": jnp.zeros((batch, h, d, d), jnp.float32)})
       else:
-        z = jnp.zeros((batch, cap * chunk_len, h, d), cache_dtype)
-        layers.append({"k": z, "v": z})
+        shape = (batch, cap * chunk_len, h, d)  # k and v must be distinct buffers (donation)
+        layers.append({"k": jnp.zeros(shape, cache_dtype), "v": jnp.zeros(shape, cache_dtype)})
     return {
         "layers": tuple(layers),
         "slot_chunk": jnp.full((cap,), -1, jnp.int32),  # chunk index held by each cache slot
