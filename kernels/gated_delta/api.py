@@ -1,0 +1,128 @@
+"""Public entry points for the gated delta rule and the ARL2 memory. Models import only this.
+
+K-first state h in R^{K x V}, fp32. For each token t:
+
+    h <- exp(g_t) h ;  u_t = beta_t (v_t - h^T k_t) ;  h <- h + k_t u_t^T ;  o_t = h^T (scale q_t)
+
+Shapes: B batch, T tokens, H heads, K key dim, V value dim; for the ARL2 memory, N
+autoregressive chunks, L tokens written per chunk, R reading tokens per chunk.
+
+`implementation` picks the back-end: "xla" (chunkwise jnp, `chunk.py`), "reference" (the
+token-by-token scan, `reference.py`) or "pallas". None picks the best available, which is "xla"
+until the Pallas kernel lands. An explicit choice that cannot run raises.
+"""
+
+from kernels.gated_delta import chunk
+from kernels.gated_delta import reference
+
+IMPLEMENTATIONS = ('xla', 'reference', 'pallas')
+
+
+def _resolve(implementation):
+  if implementation is None:
+    return 'xla'
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f'{implementation=} is not supported; expected one of {IMPLEMENTATIONS} or None')
+  if implementation == 'pallas':
+    raise ValueError(
+        "implementation='pallas': the Pallas gated delta kernel is not available in this "
+        "build; use 'xla' or 'reference'")
+  return implementation
+
+
+def _expect_shape(name, x, expected, description):
+  if tuple(x.shape) != tuple(expected):
+    raise ValueError(f'{name} has shape {x.shape}, expected {description} = {tuple(expected)}')
+
+
+def _check_rank(name, x, rank, description):
+  if x.ndim != rank:
+    raise ValueError(f'{name} has shape {x.shape}, expected {description}')
+
+
+def _check_state(initial_state, batch, heads, key_dim, value_dim):
+  if initial_state is not None:
+    _expect_shape('initial_state', initial_state, (batch, heads, key_dim, value_dim),
+                  '[B, H, K, V]')
+
+
+def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, chunk_size=64,
+                     implementation=None, interpret=False):
+  """Gated delta rule over a sequence, with per-token outputs.
+
+  Args:
+    q, k: [B, T, H, K].
+    v: [B, T, H, V].
+    g: [B, T, H], log decay per token (<= 0 in ARL2).
+    beta: [B, T, H], write strength (in (0, 2) in ARL2).
+    scale: multiplies q; defaults to K**-0.5.
+    initial_state: [B, H, K, V] or None (zeros).
+    chunk_size: C, the sub-chunk length of the chunked paths.
+    implementation: None, "xla", "reference" or "pallas".
+    interpret: run the Pallas kernel in interpret mode (only used by "pallas").
+
+  Returns:
+    o: [B, T, H, V] in v.dtype, and final_state: [B, H, K, V] in fp32.
+  """
+  del interpret  # Only the Pallas path uses it.
+  implementation = _resolve(implementation)
+  _check_rank('q', q, 4, '[B, T, H, K]')
+  batch, seq_len, heads, key_dim = q.shape
+  _expect_shape('k', k, q.shape, '[B, T, H, K]')
+  _check_rank('v', v, 4, '[B, T, H, V]')
+  value_dim = v.shape[-1]
+  _expect_shape('v', v, (batch, seq_len, heads, value_dim), '[B, T, H, V]')
+  _expect_shape('g', g, (batch, seq_len, heads), '[B, T, H]')
+  _expect_shape('beta', beta, (batch, seq_len, heads), '[B, T, H]')
+  _check_state(initial_state, batch, heads, key_dim, value_dim)
+
+  if implementation == 'reference':
+    return reference.naive_recurrent_gated_delta_rule(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state)
+  return chunk.chunk_gated_delta_rule(
+      q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size)
+
+
+def arl2_memory(q, k, v, g, beta, *, initial_state=None, scale=None, chunk_size=64,
+                implementation=None, interpret=False):
+  """ARL2 memory: every reading token of chunk n reads S_{n-1}, then chunk n is written.
+
+  reads[:, n] = scale * q[:, n] . S_{n-1} (no decay on read), S_{-1} = initial_state; S_n is
+  the gated delta rule over the L tokens of chunk n, whose per-token outputs are discarded.
+
+  Args:
+    q: [B, N, R, H, K] reading queries.
+    k: [B, N, L, H, K].
+    v: [B, N, L, H, V].
+    g, beta: [B, N, L, H].
+    initial_state: [B, H, K, V] or None (zeros).
+    scale: multiplies q; defaults to K**-0.5.
+    chunk_size: C, the sub-chunk length of the chunked paths.
+    implementation: None, "xla", "reference" or "pallas".
+    interpret: run the Pallas kernel in interpret mode (only used by "pallas").
+
+  Returns:
+    reads: [B, N, R, H, V] in v.dtype;
+    prev_states: [B, N, H, K, V] fp32, the state each chunk reads;
+    final_state: [B, H, K, V] fp32.
+  """
+  del interpret  # Only the Pallas path uses it.
+  implementation = _resolve(implementation)
+  _check_rank('q', q, 5, '[B, N, R, H, K]')
+  batch, num_chunks, _, heads, key_dim = q.shape
+  _check_rank('k', k, 5, '[B, N, L, H, K]')
+  chunk_len = k.shape[2]
+  _expect_shape('k', k, (batch, num_chunks, chunk_len, heads, key_dim), '[B, N, L, H, K]')
+  _check_rank('v', v, 5, '[B, N, L, H, V]')
+  value_dim = v.shape[-1]
+  _expect_shape('v', v, (batch, num_chunks, chunk_len, heads, value_dim), '[B, N, L, H, V]')
+  _expect_shape('g', g, (batch, num_chunks, chunk_len, heads), '[B, N, L, H]')
+  _expect_shape('beta', beta, (batch, num_chunks, chunk_len, heads), '[B, N, L, H]')
+  _check_state(initial_state, batch, heads, key_dim, value_dim)
+
+  if implementation == 'reference':
+    return reference.arl2_memory_reference(
+        q, k, v, g, beta, initial_state=initial_state, scale=scale)
+  return chunk.chunk_arl2_memory(
+      q, k, v, g, beta, initial_state=initial_state, scale=scale, chunk_size=chunk_size)

@@ -1,0 +1,135 @@
+"""Softmax attention for the ARL2 patterns in plain jnp: the XLA production path.
+
+- `chunk_local_attention`: bidirectional attention within each chunk (the intra branch).
+- `cached_chunk_attention`: one chunk attends to a K/V cache plus its own keys (sampling).
+- `teacher_forcing_attention`: [clean ; noisy] training forward of the softmax layers.
+
+The last two see two key sets (history, own chunk) under one softmax. They share
+`_two_key_set_attention`, which scores each set separately and normalises with a shared max,
+so no dense mask over the concatenated keys is ever built.
+
+Logits are fp32 (HIGHEST precision, fp32 accumulation); outputs are in q.dtype.
+Shapes: B batch, H heads, D head dim, N chunks, L tokens per chunk, M cache slots.
+"""
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _default_scale(q, scale):
+  return q.shape[-1]**-0.5 if scale is None else scale
+
+
+def _logits(q, k, scale, mask):
+  """q [..., Q, H, D], k [..., Kn, H, D] -> fp32 [..., H, Q, Kn], -inf where mask is False."""
+  s = scale * jnp.einsum('...qhd,...khd->...hqk', q, k, precision=_HIGHEST,
+                         preferred_element_type=jnp.float32)
+  return s if mask is None else jnp.where(mask, s, -jnp.inf)
+
+
+def _weighted_values(p, v):
+  """p [..., H, Q, Kn] (fp32), v [..., Kn, H, D] -> fp32 [..., Q, H, D]."""
+  return jnp.einsum('...hqk,...khd->...qhd', p.astype(v.dtype), v, precision=_HIGHEST,
+                    preferred_element_type=jnp.float32)
+
+
+def _two_key_set_attention(q, k_a, v_a, mask_a, k_b, v_b, mask_b, scale):
+  """Softmax attention over two key sets at once, without concatenating them.
+
+  Args:
+    q: [..., Q, H, D].
+    k_a, v_a: [..., Ka, H, D]; k_b, v_b: [..., Kb, H, D]; leading dims broadcast against q's.
+    mask_a, mask_b: bool broadcastable to [..., H, Q, Ka] / [..., H, Q, Kb], or None.
+    scale: logit scale.
+
+  Returns:
+    fp32 [..., Q, H, D]. A query must see at least one key across the two sets.
+  """
+  s_a = _logits(q, k_a, scale, mask_a)
+  s_b = _logits(q, k_b, scale, mask_b)
+  # The result does not depend on the shift, so it carries no gradient; a set that is fully
+  # masked for a row gives -inf, which the other set's max absorbs.
+  shift = jax.lax.stop_gradient(jnp.maximum(s_a.max(axis=-1), s_b.max(axis=-1)))
+  shift = jnp.where(jnp.isfinite(shift), shift, 0.0)[..., None]
+  p_a = jnp.exp(s_a - shift)
+  p_b = jnp.exp(s_b - shift)
+  denom = p_a.sum(axis=-1) + p_b.sum(axis=-1)  # [..., H, Q]
+  numer = _weighted_values(p_a, v_a) + _weighted_values(p_b, v_b)
+  return numer / jnp.swapaxes(denom, -1, -2)[..., None]
+
+
+def chunk_local_attention(q, k, v, *, scale=None):
+  """Bidirectional attention within each chunk only.
+
+  Args:
+    q, k, v: [B, N, L, H, D].
+    scale: logit scale; defaults to D**-0.5.
+
+  Returns:
+    [B, N, L, H, D] in q.dtype.
+  """
+  scale = _default_scale(q, scale)
+  probs = jax.nn.softmax(_logits(q, k, scale, None), axis=-1)
+  return _weighted_values(probs, v).astype(q.dtype)
+
+
+def cached_chunk_attention(q, k, v, k_cache, v_cache, cache_valid, *, scale=None):
+  """One chunk attending to the valid cache slots and to all L keys of the chunk itself.
+
+  Args:
+    q, k, v: [B, L, H, D].
+    k_cache, v_cache: [B, M, H, D].
+    cache_valid: bool [M] or [B, M]; invalid slots are ignored.
+    scale: logit scale; defaults to D**-0.5.
+
+  Returns:
+    [B, L, H, D] in q.dtype.
+  """
+  scale = _default_scale(q, scale)
+  cache_mask = cache_valid[..., None, None, :]  # [(B,) 1, 1, M] against [B, H, L, M]
+  out = _two_key_set_attention(q, k_cache, v_cache, cache_mask, k, v, None, scale)
+  return out.astype(q.dtype)
+
+
+def _check_divisible(seq_len, num_chunks):
+  if num_chunks <= 0 or seq_len % num_chunks:
+    raise ValueError(f'{seq_len=} must be a positive multiple of {num_chunks=}')
+
+
+def teacher_forcing_attention(q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noisy, *,
+                              num_chunks, scale=None):
+  """Teacher-forcing softmax attention over a clean and a noisy copy of N chunks.
+
+  Clean chunk n attends to clean chunks <= n. Noisy chunk n attends to clean chunks < n and to
+  noisy chunk n itself, under one softmax; noisy chunk 0 sees only itself.
+
+  Every chunk scores all N * L clean keys (the later ones masked), which is simple but about
+  twice the block-causal work; a blocked kernel can skip the masked blocks.
+
+  Args:
+    q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noisy: [B, N * L, H, D].
+    num_chunks: N.
+    scale: logit scale; defaults to D**-0.5.
+
+  Returns:
+    (o_clean, o_noisy), each [B, N * L, H, D] in q.dtype.
+  """
+  batch, seq_len = q_clean.shape[:2]
+  _check_divisible(seq_len, num_chunks)
+  chunk_len = seq_len // num_chunks
+  scale = _default_scale(q_clean, scale)
+
+  chunks = lambda x: x.reshape(batch, num_chunks, chunk_len, *x.shape[2:])
+  history_k, history_v = k_clean[:, None], v_clean[:, None]  # [B, 1, N*L, H, D]
+  key_chunk = jnp.repeat(jnp.arange(num_chunks), chunk_len)
+  # [N, 1, 1, N*L] against logits [B, N, H, L, N*L]: strictly earlier clean chunks.
+  history_mask = (key_chunk[None, :] < jnp.arange(num_chunks)[:, None])[:, None, None, :]
+
+  def attend(q, k_own, v_own):
+    out = _two_key_set_attention(chunks(q), history_k, history_v, history_mask, chunks(k_own),
+                                 chunks(v_own), None, scale)
+    return out.reshape(q.shape).astype(q.dtype)
+
+  return attend(q_clean, k_clean, v_clean), attend(q_noisy, k_noisy, v_noisy)
