@@ -8,7 +8,7 @@ Variants (`--config=configs/default.py:VARIANT`):
   arl2      the default: 75% hybrid layers, earliest layers hybrid
   softmax   all-softmax teacher (0% hybrid)
   hybrid100 every layer hybrid (constant-memory streaming)
-  mixed     50% hybrid
+  mixed     50% hybrid (earliest half)
   smoke     the whole main job in well under 2 minutes on 2 CPU cores
   wan1_3b   the exact Wan2.1-1.3B shapes (build abstractly; not for CPU training)
 Any field can be overridden: --config.model.num_layers=6 --config.train.num_steps=100.
@@ -42,6 +42,10 @@ def model_config() -> ml_collections.ConfigDict:
   m.hybrid.layers = placeholder(tuple)  # explicit hybrid
   #                              layer indices; overrides `ratio` when set
   m.hybrid.ratio = 0.75        # fraction of layers made hybrid, earliest first (authors' example)
+  m.memory = ml_collections.ConfigDict()
+  m.memory.read = "block"      # "block": every token of chunk n reads S_{n-1} (ARL2);
+  #                              "token": ablation, token t also sees the chunk's tokens < t
+  m.memory.write_during_denoising = False  # ablation: noisy passes also write the state
   m.kv_cache = ml_collections.ConfigDict()
   m.kv_cache.sink_chunks = 0   # softmax layers: first S chunks always kept (with window > 0)
   m.kv_cache.window_chunks = 0  # softmax layers: keep only the last W chunks; 0 = unbounded
@@ -87,12 +91,52 @@ def sampler_config() -> ml_collections.ConfigDict:
   return s
 
 
+def data_config() -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  d.source = "moving_digits"   # "moving_digits" (embedded, generated) or "video_folder"
+  d.config = "default"         # moving_digits builder config: "default" (32x32, 8 frames), "tiny"
+  d.dir = placeholder(str)     # tfds data_dir; None = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  d.folder = placeholder(str)  # video_folder: folder of .mp4/.webm files
+  d.num_frames = 8             # video_folder: frames per clip
+  d.frame_size = (32, 32)      # video_folder: (height, width) of the clips
+  d.fps = 8.0                  # video_folder: frame rate clips are resampled to
+  d.channels = 1               # video_folder: 1 (grayscale) or 3 (RGB); must match the model
+  return d
+
+
+def train_config() -> ml_collections.ConfigDict:
+  t = ml_collections.ConfigDict()
+  t.batch_size = 16            # global batch size
+  t.num_steps = 4000           # optimizer steps (the run also stops at max_minutes)
+  t.max_minutes = 8.0          # wall-clock bound on training, minutes; 0 = no bound
+  t.learning_rate = 1e-3       # peak AdamW learning rate
+  t.warmup_steps = 100         # linear warmup steps
+  t.end_lr_factor = 0.05       # cosine decay ends at learning_rate * end_lr_factor
+  t.weight_decay = 0.01        # AdamW decoupled weight decay (matrices only)
+  t.grad_clip = 1.0            # global gradient-norm clip
+  t.ema_decay = 0.999          # EMA of the parameters, used for sampling
+  t.t_logit_mean = 0.0         # per-chunk noise level t = sigmoid(N(mean, std)) (logit-normal)
+  t.t_logit_std = 1.0
+  t.log_every = 20             # steps between metric writes
+  t.checkpoint_every = 500     # steps between checkpoints (and one at the end)
+  t.keep_checkpoints = 3       # checkpoints kept on disk
+  t.resume_step = placeholder(int)  # restore this step instead of the latest
+  t.sample_every = 0           # steps between sample videos; 0 = only the final video
+  t.sample_frames = 32         # frames in the periodic sample videos
+  t.final_sample = True        # stream sampler.num_frames frames after training (the main job)
+  return t
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config of variant `arg` (see module docstring)."""
   c = ml_collections.ConfigDict()
   c.seed = 0                   # model init seed
   c.model = model_config()
   c.sampler = sampler_config()
+  c.data = data_config()
+  c.train = train_config()
+  c.video_fps = 8              # frame rate of written mp4 files
+  c.video_upscale = 4          # nearest-neighbour upscale of written mp4 frames
   variant = arg or "arl2"
   if variant == "arl2":
     pass
@@ -102,10 +146,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.hybrid.ratio = 1.0
   elif variant == "mixed":
     c.model.hybrid.ratio = 0.5
+  elif variant == "smoke":
+    c.train.num_steps = 30
+    c.train.max_minutes = 1.0
+    c.train.warmup_steps = 5
+    c.train.batch_size = 4
+    c.train.log_every = 5
+    c.train.checkpoint_every = 15
+    c.sampler.num_frames = 16
+    c.data.config = "tiny"
+    c.model.dim = 48
+    c.model.num_heads = 2
+    c.model.mlp_dim = 96
+    c.model.num_layers = 2
+    c.model.patch_size = (1, 4, 4)
   elif variant == "wan1_3b":
     c.model = wan1_3b_model()
     c.sampler = wan1_3b_sampler(c.sampler)
   else:
     raise ValueError(f"unknown config variant {variant!r}; choose arl2, softmax, hybrid100, "
-                     "mixed, wan1_3b")
+                     "mixed, smoke, wan1_3b")
   return c

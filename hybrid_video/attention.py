@@ -8,6 +8,8 @@ stores the clean chunk's rotated K and V in its cache slot.
 
 from __future__ import annotations
 
+from hybrid_video.errors import UserError
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -21,7 +23,7 @@ class QKVProjection(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, eps: float, *, rngs: nnx.Rngs, dtype=None):
     if dim % num_heads:
-      raise ValueError(f"{dim=} must be a multiple of {num_heads=}")
+      raise UserError(f"{dim=} must be a multiple of {num_heads=}")
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
     linear = lambda: nnx.Linear(dim, dim, rngs=rngs, dtype=dtype)

@@ -59,7 +59,8 @@ class Block(nnx.Module):
       self.self_attn = HybridAttention(
           dim, cfg.num_heads, cfg.eps, rngs=rngs, dtype=dtype,
           attention_impl=cfg.attention_impl, memory_impl=cfg.memory_impl,
-          gdn_chunk_size=cfg.gdn_chunk_size)
+          gdn_chunk_size=cfg.gdn_chunk_size, read=cfg.memory.read,
+          write_during_denoising=cfg.memory.write_during_denoising)
     else:
       self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps, rngs=rngs, dtype=dtype,
                                      implementation=cfg.attention_impl)

@@ -6,6 +6,8 @@ x0_hat = x_t - t * v. Noise levels t are in [0, 1]; the paper's timesteps are t 
 
 from __future__ import annotations
 
+from hybrid_video.errors import UserError
+
 from typing import Callable
 
 import jax
@@ -23,16 +25,16 @@ def sampler_times(scfg) -> tuple[float, ...]:
   """Noise levels visited by the sampler, highest first, as Python floats."""
   if scfg.kind == "few_step":
     if not scfg.timesteps:
-      raise ValueError("sampler.timesteps must not be empty")
+      raise UserError("sampler.timesteps must not be empty")
     ts = np.asarray(scfg.timesteps, np.float64) / 1000.0
     if np.any(ts <= 0) or np.any(ts > 1):
-      raise ValueError(f"sampler.timesteps={tuple(scfg.timesteps)} must be in (0, 1000]")
+      raise UserError(f"sampler.timesteps={tuple(scfg.timesteps)} must be in (0, 1000]")
   elif scfg.kind == "euler":
     if scfg.num_steps < 1:
-      raise ValueError(f"sampler.num_steps={scfg.num_steps} must be >= 1")
+      raise UserError(f"sampler.num_steps={scfg.num_steps} must be >= 1")
     ts = np.linspace(1.0, 0.0, scfg.num_steps + 1)
   else:
-    raise ValueError(f"sampler.kind={scfg.kind!r} must be 'few_step' or 'euler'")
+    raise UserError(f"sampler.kind={scfg.kind!r} must be 'few_step' or 'euler'")
   return tuple(float(x) for x in shift_time(ts, scfg.shift))
 
 
@@ -59,19 +61,22 @@ def sample_chunk_fn(graphdef, scfg, chunk_shape, trace_counter: list | None = No
     keys = jax.random.split(jax.random.fold_in(key, carry["chunk"]), len(times))
     x = jax.random.normal(keys[0], chunk_shape, jnp.float32)
 
-    def velocity(x, t):
-      v, _ = model.step(x, jnp.full((b,), t, jnp.float32), context, carry, write=False)
-      return v.astype(jnp.float32)
+    def velocity(x, t, carry):
+      # Denoising pass: reads memory; returns the carry changed only by the write ablation.
+      v, carry = model.step(x, jnp.full((b,), t, jnp.float32), context, carry, write=False)
+      return v.astype(jnp.float32), carry
 
     if scfg.kind == "few_step":
       for i, t in enumerate(times):
-        x0 = x - t * velocity(x, t)
+        v, carry = velocity(x, t, carry)
+        x0 = x - t * v
         if i + 1 < len(times):
           t_next = times[i + 1]
           x = (1.0 - t_next) * x0 + t_next * jax.random.normal(keys[i + 1], chunk_shape)
     else:
       for t, t_next in zip(times[:-1], times[1:]):
-        x = x + (t_next - t) * velocity(x, t)
+        v, carry = velocity(x, t, carry)
+        x = x + (t_next - t) * v
       x0 = x
     if scfg.clip_x0:
       x0 = jnp.clip(x0, -1.0, 1.0)

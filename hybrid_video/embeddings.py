@@ -7,6 +7,8 @@ tokens.
 
 from __future__ import annotations
 
+from hybrid_video.errors import UserError
+
 import math
 
 import jax
@@ -89,7 +91,7 @@ class ConditionEmbed(nnx.Module):
 
   def __init__(self, kind: str, num_classes: int, text_dim: int, dim: int, *, rngs: nnx.Rngs):
     if kind not in ("labels", "none", "embeddings"):
-      raise ValueError(f"model.cond={kind!r} must be one of 'labels', 'none', 'embeddings'")
+      raise UserError(f"model.cond={kind!r} must be one of 'labels', 'none', 'embeddings'")
     self.kind = kind
     if kind == "labels":
       self.table = nnx.Embed(num_classes, text_dim, rngs=rngs)
@@ -102,11 +104,11 @@ class ConditionEmbed(nnx.Module):
     """cond: labels [B, M] int, embeddings [B, M, text_dim], or None -> [B, M, dim]."""
     if self.kind == "labels":
       if cond is None:
-        raise ValueError("model.cond='labels' needs integer labels [B, M]")
+        raise UserError("model.cond='labels' needs integer labels [B, M]")
       tokens = self.table(cond)
     elif self.kind == "embeddings":
       if cond is None:
-        raise ValueError("model.cond='embeddings' needs conditioning embeddings [B, M, text_dim]")
+        raise UserError("model.cond='embeddings' needs conditioning embeddings [B, M, text_dim]")
       tokens = cond
     else:
       tokens = jnp.broadcast_to(self.null[...], (batch, *self.null.shape[1:]))
@@ -120,7 +122,7 @@ class ConditionEmbed(nnx.Module):
 def rope_bands(head_dim: int) -> tuple[int, int, int]:
   """Dimensions of the time, height and width bands: D - 4*(D//6), 2*(D//6), 2*(D//6)."""
   if head_dim % 2:
-    raise ValueError(f"{head_dim=} must be even for RoPE")
+    raise UserError(f"{head_dim=} must be even for RoPE")
   d6 = head_dim // 6
   return head_dim - 4 * d6, 2 * d6, 2 * d6
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybrid_video.attention import QKVProjection
+from hybrid_video.errors import UserError
 from hybrid_video.embeddings import apply_rope
 from kernels.gated_delta import api as gdn_api
 from kernels.local_attention import api as attention_api
@@ -51,16 +52,21 @@ class HybridAttention(QKVProjection):
   """ARL2 layer: intra-chunk softmax + gated-delta memory of earlier chunks."""
 
   def __init__(self, dim, num_heads, eps, *, rngs, dtype=None, attention_impl=None,
-               memory_impl=None, gdn_chunk_size: int = 64):
+               memory_impl=None, gdn_chunk_size: int = 64, read: str = "block",
+               write_during_denoising: bool = False):
     super().__init__(dim, num_heads, eps, rngs=rngs, dtype=dtype)
+    if read not in ("block", "token"):
+      raise UserError(f"model.memory.read={read!r} must be 'block' or 'token'")
     h, d = self.num_heads, self.head_dim
+    self.read_mode = read
+    self.write_during_denoising = bool(write_during_denoising)
     self.attention_impl = attention_impl
     self.memory_impl = memory_impl
     self.gdn_chunk_size = gdn_chunk_size
-    eye = jnp.broadcast_to(jnp.eye(d, dtype=jnp.float32), (h, d, d))
-    self.phi_q = nnx.Param(eye)
-    self.phi_k = nnx.Param(eye)
-    self.phi_v = nnx.Param(eye)
+    eye = lambda: jnp.tile(jnp.eye(d, dtype=jnp.float32), (h, 1, 1))  # a fresh buffer each
+    self.phi_q = nnx.Param(eye())
+    self.phi_k = nnx.Param(eye())
+    self.phi_v = nnx.Param(eye())
     xavier = nnx.initializers.variance_scaling(GATE_GAIN ** 2, "fan_avg", "uniform")
     gate = lambda: nnx.Linear(dim, h, use_bias=False, kernel_init=xavier, rngs=rngs)
     self.w_a, self.w_b, self.w_gate = gate(), gate(), gate()
@@ -104,6 +110,17 @@ class HybridAttention(QKVProjection):
     return jnp.einsum("bthk,bhkv->bthv", qg * scale, state,
                       precision=jax.lax.Precision.HIGHEST)
 
+  def token_read(self, qg, kg, vg, g, beta, state):
+    """Ablation memory.read="token": token t reads S_{n-1} advanced through the tokens before
+    it (raster order) of its own pass. qg... [B, T, H, D] for one chunk per batch row,
+    state [B, H, K, V]. Shifting k, v, g, beta right by one token turns the inclusive GDN
+    output o_t = h_t^T q_t into the exclusive read q_t . h_{t-1}."""
+    shift = lambda a: jnp.pad(a, [(0, 0), (1, 0)] + [(0, 0)] * (a.ndim - 2))[:, :-1]
+    reads, _ = gdn_api.gated_delta_rule(
+        qg, shift(kg), shift(vg), shift(g), shift(beta), scale=self.head_dim ** -0.5,
+        initial_state=state, chunk_size=self.gdn_chunk_size, implementation=self.memory_impl)
+    return reads
+
   # -- forwards ----------------------------------------------------------------------------------
 
   def teacher_forcing(self, x_clean, x_noisy, angles, num_chunks: int):
@@ -119,14 +136,26 @@ class HybridAttention(QKVProjection):
         chunked(c["q"]), chunked(c["k"]), chunked(c["v"]), implementation=self.attention_impl)
     intra_n = attention_api.chunk_local_attention(
         chunked(z["q"]), chunked(z["k"]), chunked(z["v"]), implementation=self.attention_impl)
+    if self.write_during_denoising:
+      raise UserError("model.memory.write_during_denoising has no teacher-forcing form: it is "
+                      "a sampling-time ablation; train with it off")
     g, beta = self.write_gates(x_clean)
     q_read = jnp.concatenate([chunked(c["qg"]), chunked(z["qg"])], axis=2)  # [B, N, 2L, H, K]
-    reads, _, _ = gdn_api.arl2_memory(
+    reads, prev_states, _ = gdn_api.arl2_memory(
         q_read, chunked(c["kg"]), chunked(c["vg"]), chunked(g), chunked(beta),
         initial_state=None, scale=self.head_dim ** -0.5, chunk_size=self.gdn_chunk_size,
         implementation=self.memory_impl)
     flat = lambda a: a.reshape(b, t, *a.shape[3:])
-    inter_c, inter_n = flat(reads[:, :, :l]), flat(reads[:, :, l:])
+    if self.read_mode == "block":
+      inter_c, inter_n = flat(reads[:, :, :l]), flat(reads[:, :, l:])
+    else:  # every chunk of both copies starts from its own S_{n-1}: fold chunks into batch
+      per_chunk = lambda a: a.reshape(b * n, l, *a.shape[2:])
+      states = prev_states.reshape(b * n, *prev_states.shape[2:])
+      g_n, beta_n = self.write_gates(x_noisy)
+      inter_c, inter_n = (
+          self.token_read(per_chunk(br["qg"]), per_chunk(br["kg"]), per_chunk(br["vg"]),
+                          per_chunk(gg), per_chunk(bb), states).reshape(b, t, *c["vg"].shape[2:])
+          for br, gg, bb in ((c, g, beta), (z, g_n, beta_n)))
     y_c = self.fuse(x_clean, intra_c.reshape(b, t, *intra_c.shape[3:]), inter_c)
     y_n = self.fuse(x_noisy, intra_n.reshape(b, t, *intra_n.shape[3:]), inter_n)
     return y_c, y_n
@@ -134,19 +163,26 @@ class HybridAttention(QKVProjection):
   def step(self, x, angles, state, write: bool):
     """One chunk. x [B, L, dim], state [B, H, K, V] fp32 = S_{n-1}.
 
-    Denoising passes only read the state; the context pass (write=True) also returns S_n.
+    Denoising passes only read the state (unless the memory.write_during_denoising ablation is
+    on); the context pass (write=True) also returns S_n.
     """
     br = self.branches(x, angles)
     one = lambda a: a[:, None]
     intra = attention_api.chunk_local_attention(
         one(br["q"]), one(br["k"]), one(br["v"]), implementation=self.attention_impl)[:, 0]
-    if write:
+    update = write or self.write_during_denoising
+    if update or self.read_mode == "token":
       g, beta = self.write_gates(x)
-      reads, _, state = gdn_api.arl2_memory(
+    if self.read_mode == "token":
+      inter = self.token_read(br["qg"], br["kg"], br["vg"], g, beta, state)
+    if update:
+      reads, _, new_state = gdn_api.arl2_memory(
           one(br["qg"]), one(br["kg"]), one(br["vg"]), one(g), one(beta),
           initial_state=state, scale=self.head_dim ** -0.5, chunk_size=self.gdn_chunk_size,
           implementation=self.memory_impl)
-      inter = reads[:, 0]
-    else:
+      if self.read_mode == "block":
+        inter = reads[:, 0]
+      state = new_state
+    elif self.read_mode == "block":
       inter = self.read(br["qg"], state)
     return self.fuse(x, intra, inter), state

@@ -12,6 +12,8 @@ frames, N = Hp*Wp tokens per frame, L = Fp*N tokens per chunk.
 
 from __future__ import annotations
 
+from hybrid_video.errors import UserError
+
 import math
 from typing import Any, Sequence
 
@@ -33,14 +35,14 @@ def resolve_hybrid_layers(num_layers: int, layers: Sequence[int] | None = None,
     layers = tuple(int(i) for i in layers)
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
-      raise ValueError(f"hybrid layer indices {bad} are out of range for {num_layers=} "
+      raise UserError(f"hybrid layer indices {bad} are out of range for {num_layers=} "
                        f"(valid: 0..{num_layers - 1})")
     if len(set(layers)) != len(layers):
-      raise ValueError(f"hybrid layer indices {list(layers)} contain duplicates")
+      raise UserError(f"hybrid layer indices {list(layers)} contain duplicates")
     return tuple(sorted(layers))
   ratio = 0.0 if ratio is None else float(ratio)
   if not 0.0 <= ratio <= 1.0:
-    raise ValueError(f"hybrid ratio {ratio} must be in [0, 1]")
+    raise UserError(f"hybrid ratio {ratio} must be in [0, 1]")
   return tuple(range(int(round(ratio * num_layers))))
 
 
@@ -51,7 +53,7 @@ class CausalDiT(nnx.Module):
     self.patch_size = tuple(int(p) for p in cfg.patch_size)
     self.frames_per_chunk = int(cfg.frames_per_chunk)
     if self.frames_per_chunk <= 0 or self.frames_per_chunk % self.patch_size[0]:
-      raise ValueError(f"model.frames_per_chunk={self.frames_per_chunk} must be a positive "
+      raise UserError(f"model.frames_per_chunk={self.frames_per_chunk} must be a positive "
                        f"multiple of the temporal patch {self.patch_size[0]}")
     self.in_channels = int(cfg.in_channels)
     self.out_channels = int(cfg.out_channels)
@@ -62,7 +64,7 @@ class CausalDiT(nnx.Module):
     self.sink_chunks = int(cfg.kv_cache.sink_chunks)
     self.window_chunks = int(cfg.kv_cache.window_chunks)
     if self.window_chunks < 0 or self.sink_chunks < 0:
-      raise ValueError("model.kv_cache.sink_chunks and window_chunks must be >= 0")
+      raise UserError("model.kv_cache.sink_chunks and window_chunks must be >= 0")
     self.hybrid_layers = resolve_hybrid_layers(cfg.num_layers, cfg.hybrid.layers,
                                                cfg.hybrid.ratio)
     self.patch_embed = PatchEmbed(cfg.in_channels, cfg.dim, self.patch_size, rngs=rngs)
@@ -90,15 +92,15 @@ class CausalDiT(nnx.Module):
   def check_video(self, video_shape, *, what: str = "video"):
     """Clear errors for shapes the model cannot take. video_shape = (B, T, Hi, Wi, C)."""
     if len(video_shape) != 5:
-      raise ValueError(f"{what} must be [B, T, H, W, C], got shape {tuple(video_shape)}")
+      raise UserError(f"{what} must be [B, T, H, W, C], got shape {tuple(video_shape)}")
     _, t, h, w, c = video_shape
     pt, ph, pw = self.patch_size
     if h % ph or w % pw:
-      raise ValueError(f"frame size {h}x{w} is not divisible by the patch size {ph}x{pw}")
+      raise UserError(f"frame size {h}x{w} is not divisible by the patch size {ph}x{pw}")
     if c != self.in_channels:
-      raise ValueError(f"{what} has {c} channels, the model expects {self.in_channels}")
+      raise UserError(f"{what} has {c} channels, the model expects {self.in_channels}")
     if t % self.frames_per_chunk:
-      raise ValueError(f"frames_per_chunk={self.frames_per_chunk} does not divide the clip "
+      raise UserError(f"frames_per_chunk={self.frames_per_chunk} does not divide the clip "
                        f"length {t}")
 
   def embed_condition(self, cond, batch: int) -> jax.Array:
@@ -129,11 +131,11 @@ class CausalDiT(nnx.Module):
     """
     self.check_video(clean.shape, what="clean video")
     if noisy.shape != clean.shape:
-      raise ValueError(f"noisy shape {noisy.shape} differs from clean shape {clean.shape}")
+      raise UserError(f"noisy shape {noisy.shape} differs from clean shape {clean.shape}")
     b, frames = clean.shape[:2]
     num_chunks = frames // self.frames_per_chunk
     if t.shape != (b, num_chunks):
-      raise ValueError(f"t has shape {t.shape}, expected (B, num_chunks) = {(b, num_chunks)}")
+      raise UserError(f"t has shape {t.shape}, expected (B, num_chunks) = {(b, num_chunks)}")
     xc, grid = self._tokens(clean)
     xn, _ = self._tokens(noisy)
     fp = self.frames_per_chunk // self.patch_size[0]
@@ -152,7 +154,7 @@ class CausalDiT(nnx.Module):
     h, w = frame_hw
     pt, ph, pw = self.patch_size
     if h % ph or w % pw:
-      raise ValueError(f"frame size {h}x{w} is not divisible by the patch size {ph}x{pw}")
+      raise UserError(f"frame size {h}x{w} is not divisible by the patch size {ph}x{pw}")
     return self.frames_per_chunk // pt, h // ph, w // pw
 
   def cache_capacity(self, requested_chunks: int) -> int:
@@ -210,8 +212,8 @@ class CausalDiT(nnx.Module):
       tokens, layer_carry = block.step(tokens, e0, context, angles, layer_carry, cache_ctx, write)
       layers.append(layer_carry)
     out = self._head(tokens, e, grid)
-    if not write:
-      return out, carry
+    if not write:  # caches and counter unchanged; states change only in the write ablation
+      return out, {**carry, "layers": tuple(layers)}
     slot_chunk = carry["slot_chunk"]
     if slot_chunk.shape[0]:
       slot_chunk = slot_chunk.at[slot].set(chunk)

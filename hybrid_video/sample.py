@@ -7,7 +7,10 @@ Softmax layers with an unbounded cache grow it by doubling (one compile per doub
 
 from __future__ import annotations
 
+from hybrid_video.errors import UserError
+
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -30,11 +33,12 @@ class StreamStats:
   carry_bytes: list[int] = field(default_factory=list)   # after each chunk
   chunk_seconds: list[float] = field(default_factory=list)
   wall_seconds: float = 0.0
+  labels: list | None = None                             # conditioning labels, if any
 
 
 def check_num_frames(num_frames) -> int:
   if not isinstance(num_frames, (int, np.integer)) or num_frames <= 0:
-    raise ValueError(f"num_frames={num_frames!r} must be a positive integer")
+    raise UserError(f"num_frames={num_frames!r} must be a positive integer")
   return int(num_frames)
 
 
@@ -95,3 +99,79 @@ class StreamingSampler:
     stats.wall_seconds = time.perf_counter() - start
     stats.compiles = self.compiles
     return stats
+
+
+def sample_labels(config, batch: int, seed: int) -> np.ndarray:
+  """Random digit labels [B, 1] (one digit per clip by default)."""
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, config.model.num_classes, size=(batch, 1)).astype(np.int32)
+
+
+def write_video(model: CausalDiT, config, path: str, *, num_frames: int, use_labels: bool,
+                progress: bool = True, batch: int = 1) -> StreamStats:
+  """Stream `num_frames` frames of the first sample in the batch into an mp4 at `path`."""
+  from hybrid_video.video_io import Mp4Writer, to_uint8  # pylint: disable=g-import-not-at-top
+  num_frames = check_num_frames(num_frames)
+  frame_hw = video_frame_hw(config)
+  sampler = StreamingSampler(model, config.sampler, batch=batch, frame_hw=frame_hw)
+  cond = jnp.asarray(sample_labels(config, batch, config.sampler.seed)) if use_labels else None
+  writer = Mp4Writer(path, fps=config.video_fps, upscale=config.video_upscale) \
+      if jax.process_index() == 0 else None
+  try:
+    stats = sampler.stream(num_frames, cond, seed=config.sampler.seed, progress=progress,
+                           on_frames=(lambda f: writer.write(to_uint8(f[0]))) if writer else None)
+  finally:
+    if writer is not None:
+      writer.close()
+  if cond is not None:
+    stats.labels = np.asarray(cond).tolist()
+  return stats
+
+
+def video_frame_hw(config) -> tuple[int, int]:
+  """Frame size the model generates: the training data's frame size."""
+  if config.data.source == "moving_digits":
+    from data import moving_digits  # pylint: disable=g-import-not-at-top
+    c = moving_digits.get_config(config.data.config)
+    return c.canvas_size, c.canvas_size
+  return tuple(config.data.frame_size)
+
+
+def report(path: str, stats: StreamStats, clip_frames: int | None = None):
+  longer = f" ({stats.num_frames / clip_frames:.0f}x the training clips)" if clip_frames else ""
+  print(f"video: {path}\n  {stats.num_frames} frames{longer}, {stats.num_chunks} chunks, "
+        f"{stats.num_frames / max(stats.wall_seconds, 1e-9):.1f} frames/s, "
+        f"carry {stats.carry_bytes[-1]} bytes, {stats.compiles} compile(s)")
+
+
+def sample_main(config, workdir: str, *, num_frames: int | None = None,
+                checkpoint_step: int | None = None, progress: bool = True) -> StreamStats:
+  """--mode=sample: restore (EMA) parameters from the workdir and stream a video to mp4."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from hybrid_video import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from hybrid_video import train as train_lib  # pylint: disable=g-import-not-at-top
+  from hybrid_video.errors import CheckpointError  # pylint: disable=g-import-not-at-top
+  num_frames = check_num_frames(config.sampler.num_frames if num_frames is None else num_frames)
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  step = checkpoint_step if checkpoint_step is not None else checkpointer.latest_step()
+  if step is None:
+    raise CheckpointError(f"no checkpoint in {checkpointer.directory}; train first with "
+                          f"--mode=train --workdir={workdir}")
+  saved = checkpointer.saved_config(step)
+  config = ml_collections.ConfigDict(config.to_dict())
+  diffs = ckpt_lib.config_differences(saved, ckpt_lib.config_to_json(config))
+  if diffs:  # the checkpoint defines the model: sample with its shapes
+    config.model = ml_collections.ConfigDict(saved["model"])
+    config.data = ml_collections.ConfigDict(saved["data"])
+  abstract = jax.eval_shape(
+      lambda: train_lib.init_train_state(CausalDiT(config.model, rngs=nnx.Rngs(0)),
+                                         train_lib.make_optimizer(config.train)))
+  state, step = checkpointer.restore(abstract, step)
+  checkpointer.close()
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: CausalDiT(config.model, rngs=nnx.Rngs(0))))
+  model = nnx.merge(graphdef, state["ema"])
+  path = os.path.join(workdir, "samples", f"sample_step_{step:07d}_{num_frames}f.mp4")
+  stats = write_video(model, config, path, num_frames=num_frames,
+                      use_labels=config.model.cond == "labels", progress=progress)
+  report(path, stats)
+  return stats

@@ -42,7 +42,7 @@ def _stream_outputs(model, clean, noisy, t, labels, jit=True):
   outs = []
   for n in range(clean.shape[1] // f):
     sl = slice(n * f, (n + 1) * f)
-    out, _ = step(state, carry, noisy[:, sl], t[:, n], context, False)
+    out, carry = step(state, carry, noisy[:, sl], t[:, n], context, False)
     outs.append(out)
     _, carry = step(state, carry, clean[:, sl], jnp.zeros((B,)), context, True)
   return jnp.concatenate(outs, axis=1), carry
@@ -183,3 +183,38 @@ def test_bad_inputs_give_clear_errors():
     model.teacher_forcing(x, x, jnp.zeros((1, 2)), jnp.zeros((1, 1), jnp.int32))
   with pytest.raises(ValueError, match="not divisible by the patch size"):
     model.init_carry(1, (16, 15))
+
+
+def _with_memory(model_ratio, **memory):
+  model = tiny_model(model_ratio)
+  for block in model.blocks:
+    if block.hybrid:
+      block.self_attn.read_mode = memory.get("read", "block")
+      block.self_attn.write_during_denoising = memory.get("write_during_denoising", False)
+  return model
+
+
+def test_token_read_ablation_streaming_equals_teacher_forcing_and_changes_output():
+  clean, noisy, t, labels = _inputs()
+  block_out = tiny_model(0.75).teacher_forcing(clean, noisy, t, labels)
+  model = _with_memory(0.75, read="token")
+  tf = model.teacher_forcing(clean, noisy, t, labels)
+  stream, _ = _stream_outputs(model, clean, noisy, t, labels)
+  assert rel_err(stream, tf) <= TOL
+  # Token read sees the chunk's own earlier tokens even in chunk 0: every chunk changes.
+  for n in range(CHUNKS):
+    sl = slice(n * F, (n + 1) * F)
+    assert rel_err(tf[:, sl], block_out[:, sl]) > 1e-4, f"chunk {n}"
+
+
+def test_write_during_denoising_ablation_changes_streaming_only_after_chunk_0():
+  clean, noisy, t, labels = _inputs()
+  default, _ = _stream_outputs(tiny_model(0.75), clean, noisy, t, labels)
+  ablation, _ = _stream_outputs(_with_memory(0.75, write_during_denoising=True), clean, noisy, t,
+                                labels)
+  # _stream_outputs makes one denoising pass per chunk; its write lands before chunk n's
+  # context pass, so chunk 0's output is unchanged and later chunks differ.
+  assert rel_err(ablation[:, :F], default[:, :F]) <= TOL
+  assert rel_err(ablation[:, F:], default[:, F:]) > 1e-4
+  with pytest.raises(ValueError, match="no teacher-forcing form"):
+    _with_memory(0.75, write_during_denoising=True).teacher_forcing(clean, noisy, t, labels)
