@@ -10,8 +10,24 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file[:variant].",
-                                lock_config=True)
+
+
+def _fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
+def _unknown_field(e: Exception, argv) -> str:
+  key = str(e).strip("\"'")
+  where = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0]]
+  return f"unknown config field {key!r}" + (f" in {where[0]}" if where else "")
+
+
+try:  # with the default --config, overrides are applied here, at definition time
+  config_flags.DEFINE_config_file("config", "configs/default.py",
+                                  "Experiment config file[:variant].", lock_config=True)
+except (AttributeError, KeyError) as e:
+  _fail(_unknown_field(e, sys.argv))
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and videos.")
 flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to run.")
 flags.DEFINE_integer("num_frames", None, "--mode=sample: frames to stream (default: "
@@ -24,6 +40,8 @@ flags.mark_flags_as_required(["workdir"])
 def run(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS["verbosity"].present:  # keep library INFO chatter (orbax, tfds) out of the way
+    logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
   logging.info("JAX %s, %d process(es), devices: %s", jax.__version__, jax.process_count(),
                jax.devices())
@@ -37,15 +55,28 @@ def run(argv):
                 checkpoint_step=FLAGS.checkpoint_step, progress=FLAGS.progress)
 
 
+def parse_flags(argv):
+  """absl flag parsing with one-line errors (unknown config fields, bad values) and exit 1."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    # A config file that raises: keep the flag and the exception line, not the traceback.
+    _fail(lines[0] + (" " + lines[-1] if len(lines) > 1 else ""))
+  except (AttributeError, KeyError) as e:  # ml_collections: unknown field in --config.a.b=...
+    _fail(_unknown_field(e, argv))
+  except (TypeError, ValueError) as e:
+    _fail(f"bad flag value: {e}")
+
+
 def main(argv):
   from data.errors import DataError  # pylint: disable=g-import-not-at-top
   from hybrid_video.errors import UserError  # pylint: disable=g-import-not-at-top
   try:
     run(argv)
   except (UserError, DataError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    _fail(str(e))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -54,7 +54,9 @@ class TrainInputs:
       yield {key: batch[key] for key in keys}
 
 
-def _builder(config, *, split_check: str = "train"):
+def _builder(config):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.disable_progress_bar()  # our own progress bars are enough
   d = config.data
   if d.source == "moving_digits":
     from data import moving_digits  # pylint: disable=g-import-not-at-top

@@ -1,0 +1,149 @@
+"""The main job end to end: training, resume, checkpoints, sampling and user errors."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs.default import get_config
+from hybrid_video import train as train_lib
+from hybrid_video.video_io import read_video
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(data_dir, **train):
+  cfg = get_config("smoke")
+  cfg.data.dir = str(data_dir)
+  for k, v in train.items():
+    setattr(cfg.train, k, v)
+  return cfg
+
+
+def run_main(*args, timeout=300):
+  return subprocess.run([sys.executable, "main.py", "--progress=false", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+  """A smoke workdir with checkpoints at steps 2 and 4."""
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  cfg = smoke_config(data_dir, num_steps=4, checkpoint_every=2, final_sample=False)
+  summary = train_lib.train_main(cfg, workdir, progress=False)
+  assert summary["step"] == 4
+  return workdir, cfg
+
+
+def _params(state):
+  return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+
+
+def test_resume_is_bit_identical(tmp_path, data_dir):
+  straight = train_lib.Trainer(smoke_config(data_dir, num_steps=3), str(tmp_path / "a"))
+  straight.run(progress=False)
+  first = train_lib.Trainer(smoke_config(data_dir, num_steps=1), str(tmp_path / "b"))
+  first.run(progress=False)
+  first.checkpointer.close()
+  resumed = train_lib.Trainer(smoke_config(data_dir, num_steps=3), str(tmp_path / "b"))
+  summary = resumed.run(progress=False)
+  assert summary["start_step"] == 1 and summary["step"] == 3
+  for a, b in zip(_params(straight.state), _params(resumed.state)):
+    np.testing.assert_array_equal(a, b)
+  assert int(resumed.state["step"]) == 3
+  assert os.path.exists(os.path.join(tmp_path, "b", "metrics", "metrics.jsonl"))
+
+
+@pytest.mark.slow
+def test_smoke_main_job_end_to_end(tmp_path, data_dir):
+  workdir = str(tmp_path / "run")
+  r = run_main("--config=configs/default.py:smoke", f"--workdir={workdir}",
+               f"--config.data.dir={data_dir}", "--config.sampler.num_frames=18")
+  assert r.returncode == 0, r.stderr[-3000:]
+  path = os.path.join(workdir, "samples", "final_step_0000030.mp4")
+  assert f"video: {path}" in r.stdout
+  video = read_video(path)
+  assert video.shape[0] == 18
+  assert video.shape[1:] == (64, 64, 3)  # 16x16 canvas, upscaled 4x
+  events = [f for f in os.listdir(os.path.join(workdir, "metrics")) if "tfevents" in f]
+  assert events
+  # --mode=sample restores the latest checkpoint and streams a chosen length.
+  r = run_main("--mode=sample", "--config=configs/default.py:smoke", f"--workdir={workdir}",
+               f"--config.data.dir={data_dir}", "--num_frames=9")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert read_video(os.path.join(workdir, "samples", "sample_step_0000030_9f.mp4")).shape[0] == 9
+
+
+def _assert_one_line_error(r, *fragments):
+  assert r.returncode != 0
+  err = r.stderr.strip()
+  assert "Traceback" not in err, err
+  last = err.splitlines()[-1]
+  assert last.startswith("error: "), err
+  for fragment in fragments:
+    assert fragment in last, last
+
+
+def test_error_unknown_config_field(tmp_path):
+  r = run_main(f"--workdir={tmp_path}", "--config.model.no_such_field=3")
+  _assert_one_line_error(r, "unknown config field", "no_such_field")
+
+
+@pytest.mark.parametrize("flag,fragment", [
+    ("--mode=dance", "--mode=dance"),
+    ("--config.train.num_steps=many", "num_steps"),
+    ("--config=configs/default.py:nope", "unknown config variant"),
+])
+def test_error_bad_flag_value(tmp_path, flag, fragment):
+  _assert_one_line_error(run_main(f"--workdir={tmp_path}", flag), fragment)
+
+
+@pytest.mark.parametrize("make_folder", [False, True], ids=["missing", "empty"])
+def test_error_data_folder(tmp_path, make_folder):
+  folder = tmp_path / "videos"
+  if make_folder:
+    folder.mkdir()
+  r = run_main("--config=configs/default.py:smoke", f"--workdir={tmp_path / 'w'}",
+               "--config.data.source=video_folder", f"--config.data.folder={folder}",
+               f"--config.data.dir={tmp_path / 'tfds'}", "--config.model.cond=none")
+  _assert_one_line_error(r, str(folder))
+
+
+def test_error_corrupt_checkpoint_keeps_older_one(tmp_path, trained, data_dir):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(trained[0], workdir)
+  state_dir = os.path.join(workdir, "checkpoints", "4", "state")
+  for root, _, files in os.walk(state_dir):
+    for f in files:
+      with open(os.path.join(root, f), "wb") as fh:
+        fh.write(b"\0garbage")
+  r = run_main("--config=configs/default.py:smoke", f"--workdir={workdir}",
+               f"--config.data.dir={data_dir}", "--config.train.num_steps=6")
+  _assert_one_line_error(r, "step 4", "corrupt", "resume_step=2")
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
+
+
+def test_error_incompatible_config_names_fields(tmp_path, trained, data_dir):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(trained[0], workdir)
+  r = run_main("--config=configs/default.py:smoke", f"--workdir={workdir}",
+               f"--config.data.dir={data_dir}", "--config.model.dim=64",
+               "--config.model.num_heads=4")
+  _assert_one_line_error(r, "incompatible config", "model.dim: 48 -> 64", "model.num_heads")
+
+
+def test_error_non_finite_loss_names_step(tmp_path, data_dir):
+  r = run_main("--config=configs/default.py:smoke", f"--workdir={tmp_path}",
+               f"--config.data.dir={data_dir}", "--config.train.learning_rate=1e30",
+               "--config.train.warmup_steps=0", "--config.train.grad_clip=1e30")
+  _assert_one_line_error(r, "non-finite loss", "at step")
