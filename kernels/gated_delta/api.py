@@ -7,27 +7,57 @@ K-first state h in R^{K x V}, fp32. For each token t:
 Shapes: B batch, T tokens, H heads, K key dim, V value dim; for the ARL2 memory, N
 autoregressive chunks, L tokens written per chunk, R reading tokens per chunk.
 
-`implementation` picks the back-end: "xla" (chunkwise jnp, `chunk.py`), "reference" (the
-token-by-token scan, `reference.py`) or "pallas". None picks the best available, which is "xla"
-until the Pallas kernel lands. An explicit choice that cannot run raises.
+`implementation` picks the back-end:
+- "pallas": the chunked WY kernels (`pallas_gated_delta.py`), compiled for GPU (Pallas Triton)
+  or TPU (Mosaic). On any other backend it needs `interpret=True` (Pallas interpret mode:
+  slow, for tests) and raises a ValueError otherwise. The GPU kernel needs chunk_size to be a
+  power of two >= 16 and raises otherwise.
+- "xla": chunkwise jnp (`chunk.py`), runs everywhere.
+- "reference": the token-by-token scan (`reference.py`), the oracle.
+- None: "pallas" on GPU and TPU when chunk_size suits the kernel, else "xla"; with
+  `interpret=True`, "pallas" in interpret mode everywhere (a request to test the kernel is
+  never silently answered by XLA).
+
+`interpret` only affects "pallas" (and None); "xla" and "reference" ignore it. `block_sizes`
+(a `GatedDeltaBlockSizes`) only affects "pallas"; None uses `block_sizes.get_block_sizes`.
 """
 
+import jax
+
+from kernels.gated_delta import block_sizes as block_sizes_lib
 from kernels.gated_delta import chunk
+from kernels.gated_delta import pallas_gated_delta
 from kernels.gated_delta import reference
 
 IMPLEMENTATIONS = ('xla', 'reference', 'pallas')
+PALLAS_PLATFORMS = ('gpu', 'tpu')
 
 
-def _resolve(implementation):
-  if implementation is None:
-    return 'xla'
-  if implementation not in IMPLEMENTATIONS:
+def _pallas_supports(platform, chunk_size):
+  if not isinstance(chunk_size, int) or chunk_size <= 0:
+    return False
+  if platform == 'gpu':
+    return chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
+  return chunk_size % 8 == 0
+
+
+def resolve_implementation(implementation, interpret=False, chunk_size=64):
+  """The implementation that will run; raises if an explicit choice cannot run here."""
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f'{implementation=} is not supported; expected one of {IMPLEMENTATIONS} or None')
-  if implementation == 'pallas':
+  platform = block_sizes_lib.platform_of(jax.local_devices()[0])
+  if implementation is None:
+    if interpret:
+      return 'pallas'
+    if platform in PALLAS_PLATFORMS and _pallas_supports(platform, chunk_size):
+      return 'pallas'
+    return 'xla'
+  if implementation == 'pallas' and not interpret and platform not in PALLAS_PLATFORMS:
     raise ValueError(
-        "implementation='pallas': the Pallas gated delta kernel is not available in this "
-        "build; use 'xla' or 'reference'")
+        f"implementation='pallas' cannot run on the {platform!r} backend: the Pallas "
+        f'gated-delta kernels compile only for {PALLAS_PLATFORMS}. Pass interpret=True to '
+        "run them in Pallas interpret mode (slow, for tests), or use implementation='xla'")
   return implementation
 
 
@@ -48,7 +78,7 @@ def _check_state(initial_state, batch, heads, key_dim, value_dim):
 
 
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, chunk_size=64,
-                     implementation=None, interpret=False):
+                     implementation=None, interpret=False, block_sizes=None):
   """Gated delta rule over a sequence, with per-token outputs.
 
   Args:
@@ -60,13 +90,13 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, chunk_
     initial_state: [B, H, K, V] or None (zeros).
     chunk_size: C, the sub-chunk length of the chunked paths.
     implementation: None, "xla", "reference" or "pallas".
-    interpret: run the Pallas kernel in interpret mode (only used by "pallas").
+    interpret: run the Pallas kernels in interpret mode (used by "pallas" and None).
+    block_sizes: `GatedDeltaBlockSizes` for "pallas"; None for the tuned/default ones.
 
   Returns:
     o: [B, T, H, V] in v.dtype, and final_state: [B, H, K, V] in fp32.
   """
-  del interpret  # Only the Pallas path uses it.
-  implementation = _resolve(implementation)
+  implementation = resolve_implementation(implementation, interpret, chunk_size)
   _check_rank('q', q, 4, '[B, T, H, K]')
   batch, seq_len, heads, key_dim = q.shape
   _expect_shape('k', k, q.shape, '[B, T, H, K]')
@@ -80,12 +110,16 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, chunk_
   if implementation == 'reference':
     return reference.naive_recurrent_gated_delta_rule(
         q, k, v, g, beta, scale=scale, initial_state=initial_state)
+  if implementation == 'pallas':
+    return pallas_gated_delta.gated_delta_rule(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size,
+        block_sizes=block_sizes, interpret=interpret)
   return chunk.chunk_gated_delta_rule(
       q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size)
 
 
 def arl2_memory(q, k, v, g, beta, *, initial_state=None, scale=None, chunk_size=64,
-                implementation=None, interpret=False):
+                implementation=None, interpret=False, block_sizes=None):
   """ARL2 memory: every reading token of chunk n reads S_{n-1}, then chunk n is written.
 
   reads[:, n] = scale * q[:, n] . S_{n-1} (no decay on read), S_{-1} = initial_state; S_n is
@@ -100,15 +134,15 @@ def arl2_memory(q, k, v, g, beta, *, initial_state=None, scale=None, chunk_size=
     scale: multiplies q; defaults to K**-0.5.
     chunk_size: C, the sub-chunk length of the chunked paths.
     implementation: None, "xla", "reference" or "pallas".
-    interpret: run the Pallas kernel in interpret mode (only used by "pallas").
+    interpret: run the Pallas kernels in interpret mode (used by "pallas" and None).
+    block_sizes: `GatedDeltaBlockSizes` for "pallas"; None for the tuned/default ones.
 
   Returns:
     reads: [B, N, R, H, V] in v.dtype;
     prev_states: [B, N, H, K, V] fp32, the state each chunk reads;
     final_state: [B, H, K, V] fp32.
   """
-  del interpret  # Only the Pallas path uses it.
-  implementation = _resolve(implementation)
+  implementation = resolve_implementation(implementation, interpret, chunk_size)
   _check_rank('q', q, 5, '[B, N, R, H, K]')
   batch, num_chunks, _, heads, key_dim = q.shape
   _check_rank('k', k, 5, '[B, N, L, H, K]')
@@ -124,5 +158,9 @@ def arl2_memory(q, k, v, g, beta, *, initial_state=None, scale=None, chunk_size=
   if implementation == 'reference':
     return reference.arl2_memory_reference(
         q, k, v, g, beta, initial_state=initial_state, scale=scale)
+  if implementation == 'pallas':
+    return pallas_gated_delta.arl2_memory(
+        q, k, v, g, beta, initial_state=initial_state, scale=scale, chunk_size=chunk_size,
+        block_sizes=block_sizes, interpret=interpret)
   return chunk.chunk_arl2_memory(
       q, k, v, g, beta, initial_state=initial_state, scale=scale, chunk_size=chunk_size)

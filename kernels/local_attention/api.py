@@ -2,27 +2,43 @@
 
 Shapes: B batch, H heads, D head dim, N chunks, L tokens per chunk, M cache slots.
 
-`implementation` picks the back-end: "xla" (`xla.py`), "reference" (dense explicit masks,
-`reference.py`) or "pallas". None picks the best available, which is "xla" until the Pallas
-kernel lands. An explicit choice that cannot run raises.
+`implementation` picks the back-end:
+- "pallas": the flash-attention kernel (`pallas_attention.py`), compiled for GPU (Pallas
+  Triton) or TPU (Mosaic). On any other backend it needs `interpret=True` (Pallas interpret
+  mode: slow, for tests) and raises a ValueError otherwise.
+- "xla": plain jnp (`xla.py`), runs everywhere.
+- "reference": dense explicit masks (`reference.py`), the oracle.
+- None: "pallas" on GPU and TPU, "xla" elsewhere; with `interpret=True`, "pallas" in
+  interpret mode everywhere (a request to test the kernel is never silently answered by XLA).
+
+`interpret` only affects "pallas" (and None); "xla" and "reference" ignore it. `block_sizes`
+(an `AttentionBlockSizes`) only affects "pallas"; None uses `block_sizes.get_block_sizes`.
 """
 
+import jax
+
+from kernels.local_attention import block_sizes as block_sizes_lib
+from kernels.local_attention import pallas_attention
 from kernels.local_attention import reference
 from kernels.local_attention import xla
 
 IMPLEMENTATIONS = ('xla', 'reference', 'pallas')
+PALLAS_PLATFORMS = ('gpu', 'tpu')
 
 
-def _resolve(implementation):
-  if implementation is None:
-    return 'xla'
-  if implementation not in IMPLEMENTATIONS:
+def resolve_implementation(implementation, interpret):
+  """The implementation that will run; raises if an explicit choice cannot run here."""
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f'{implementation=} is not supported; expected one of {IMPLEMENTATIONS} or None')
-  if implementation == 'pallas':
+  platform = block_sizes_lib.platform_of(jax.local_devices()[0])
+  if implementation is None:
+    return 'pallas' if interpret or platform in PALLAS_PLATFORMS else 'xla'
+  if implementation == 'pallas' and not interpret and platform not in PALLAS_PLATFORMS:
     raise ValueError(
-        "implementation='pallas': the Pallas attention kernel is not available in this "
-        "build; use 'xla' or 'reference'")
+        f"implementation='pallas' cannot run on the {platform!r} backend: the Pallas "
+        f'attention kernel compiles only for {PALLAS_PLATFORMS}. Pass interpret=True to run '
+        "it in Pallas interpret mode (slow, for tests), or use implementation='xla'")
   return implementation
 
 
@@ -36,30 +52,34 @@ def _check_rank(name, x, rank, description):
     raise ValueError(f'{name} has shape {x.shape}, expected {description}')
 
 
-def chunk_local_attention(q, k, v, *, scale=None, implementation=None, interpret=False):
+def chunk_local_attention(q, k, v, *, scale=None, implementation=None, interpret=False,
+                          block_sizes=None):
   """Bidirectional softmax attention within each chunk only.
 
   Args:
     q, k, v: [B, N, L, H, D].
     scale: logit scale; defaults to D**-0.5.
     implementation: None, "xla", "reference" or "pallas".
-    interpret: run the Pallas kernel in interpret mode (only used by "pallas").
+    interpret: run the Pallas kernel in interpret mode (used by "pallas" and None).
+    block_sizes: `AttentionBlockSizes` for "pallas"; None for the tuned/default ones.
 
   Returns:
     [B, N, L, H, D] in q.dtype.
   """
-  del interpret  # Only the Pallas path uses it.
-  implementation = _resolve(implementation)
+  implementation = resolve_implementation(implementation, interpret)
   _check_rank('q', q, 5, '[B, N, L, H, D]')
   _expect_shape('k', k, q.shape, '[B, N, L, H, D]')
   _expect_shape('v', v, q.shape, '[B, N, L, H, D]')
   if implementation == 'reference':
     return reference.chunk_local_attention_reference(q, k, v, scale=scale)
+  if implementation == 'pallas':
+    return pallas_attention.chunk_local_attention(
+        q, k, v, scale=scale, block_sizes=block_sizes, interpret=interpret)
   return xla.chunk_local_attention(q, k, v, scale=scale)
 
 
 def cached_chunk_attention(q, k, v, k_cache, v_cache, cache_valid, *, scale=None,
-                           implementation=None, interpret=False):
+                           implementation=None, interpret=False, block_sizes=None):
   """One chunk attends to the valid cache slots plus all L keys of its own, one softmax.
 
   Args:
@@ -68,13 +88,13 @@ def cached_chunk_attention(q, k, v, k_cache, v_cache, cache_valid, *, scale=None
     cache_valid: bool [M] or [B, M]; invalid slots are ignored.
     scale: logit scale; defaults to D**-0.5.
     implementation: None, "xla", "reference" or "pallas".
-    interpret: run the Pallas kernel in interpret mode (only used by "pallas").
+    interpret: run the Pallas kernel in interpret mode (used by "pallas" and None).
+    block_sizes: `AttentionBlockSizes` for "pallas"; None for the tuned/default ones.
 
   Returns:
     [B, L, H, D] in q.dtype.
   """
-  del interpret  # Only the Pallas path uses it.
-  implementation = _resolve(implementation)
+  implementation = resolve_implementation(implementation, interpret)
   _check_rank('q', q, 4, '[B, L, H, D]')
   batch, _, heads, head_dim = q.shape
   _expect_shape('k', k, q.shape, '[B, L, H, D]')
@@ -91,11 +111,16 @@ def cached_chunk_attention(q, k, v, k_cache, v_cache, cache_valid, *, scale=None
   if implementation == 'reference':
     return reference.cached_chunk_attention_reference(
         q, k, v, k_cache, v_cache, cache_valid, scale=scale)
+  if implementation == 'pallas':
+    return pallas_attention.cached_chunk_attention(
+        q, k, v, k_cache, v_cache, cache_valid, scale=scale, block_sizes=block_sizes,
+        interpret=interpret)
   return xla.cached_chunk_attention(q, k, v, k_cache, v_cache, cache_valid, scale=scale)
 
 
 def teacher_forcing_attention(q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noisy, *,
-                              num_chunks, scale=None, implementation=None, interpret=False):
+                              num_chunks, scale=None, implementation=None, interpret=False,
+                              block_sizes=None):
   """Teacher-forcing softmax attention over a clean and a noisy copy of N chunks.
 
   Clean chunk n attends to clean chunks <= n. Noisy chunk n attends to clean chunks < n and to
@@ -106,13 +131,13 @@ def teacher_forcing_attention(q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noi
     num_chunks: N; the sequence length must be a multiple of it.
     scale: logit scale; defaults to D**-0.5.
     implementation: None, "xla", "reference" or "pallas".
-    interpret: run the Pallas kernel in interpret mode (only used by "pallas").
+    interpret: run the Pallas kernel in interpret mode (used by "pallas" and None).
+    block_sizes: `AttentionBlockSizes` for "pallas"; None for the tuned/default ones.
 
   Returns:
     (o_clean, o_noisy), each [B, N * L, H, D] in q.dtype.
   """
-  del interpret  # Only the Pallas path uses it.
-  implementation = _resolve(implementation)
+  implementation = resolve_implementation(implementation, interpret)
   _check_rank('q_clean', q_clean, 4, '[B, N * L, H, D]')
   inputs = dict(k_clean=k_clean, v_clean=v_clean, q_noisy=q_noisy, k_noisy=k_noisy,
                 v_noisy=v_noisy)
@@ -121,6 +146,10 @@ def teacher_forcing_attention(q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noi
   seq_len = q_clean.shape[1]
   if not isinstance(num_chunks, int) or num_chunks <= 0 or seq_len % num_chunks:
     raise ValueError(f'{seq_len=} must be a multiple of {num_chunks=} (a positive integer)')
+  if implementation == 'pallas':
+    return pallas_attention.teacher_forcing_attention(
+        q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noisy, num_chunks=num_chunks,
+        scale=scale, block_sizes=block_sizes, interpret=interpret)
   fn = (reference.teacher_forcing_attention_reference if implementation == 'reference'
         else xla.teacher_forcing_attention)
   return fn(q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noisy, num_chunks=num_chunks,
