@@ -8,14 +8,13 @@ stores the clean chunk's rotated K and V in its cache slot.
 
 from __future__ import annotations
 
-from hybrid_video.errors import UserError
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hybrid_video import kernel_calls
+from hybrid_video.errors import UserError
 from hybrid_video.embeddings import apply_rope
-from kernels.local_attention import api as attention_api
 
 
 class QKVProjection(nnx.Module):
@@ -57,7 +56,7 @@ class SelfAttention(QKVProjection):
     qc, kc, vc = self.project(x_clean)
     qn, kn, vn = self.project(x_noisy)
     qc, kc, qn, kn = (apply_rope(a, angles) for a in (qc, kc, qn, kn))
-    yc, yn = attention_api.teacher_forcing_attention(
+    yc, yn = kernel_calls.teacher_forcing_attention(
         qc, kc, vc, qn, kn, vn, num_chunks=num_chunks, implementation=self.implementation)
     return self.out(yc), self.out(yn)
 
@@ -69,7 +68,7 @@ class SelfAttention(QKVProjection):
     """
     q, k, v = self.project(x)
     q, k = apply_rope(q, angles), apply_rope(k, angles)
-    y = attention_api.cached_chunk_attention(
+    y = kernel_calls.cached_chunk_attention(
         q, k, v, cache["k"], cache["v"], cache_valid, implementation=self.implementation)
     if write:
       start = write_slot * chunk_len

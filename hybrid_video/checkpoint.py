@@ -20,7 +20,7 @@ from hybrid_video.errors import CheckpointError
 COMPATIBILITY_SECTIONS = ("model",)
 # Fields inside those sections that may change between runs (back-ends, not shapes).
 FREE_FIELDS = {"model.attention_impl", "model.memory_impl", "model.gdn_chunk_size",
-               "model.memory.read", "model.memory.write_during_denoising",
+               "model.memory.read", "model.memory.write_during_denoising", "model.remat",
                "model.kv_cache.sink_chunks", "model.kv_cache.window_chunks", "model.dtype"}
 
 

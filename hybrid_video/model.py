@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hybrid_video import axes as ax
 from hybrid_video.blocks import Block, modulate
+from hybrid_video.sharding import constrain
 from hybrid_video.embeddings import (ConditionEmbed, PatchEmbed, TimeEmbed, rope_angles,
                                      unpatchify)
 
@@ -61,6 +63,7 @@ class CausalDiT(nnx.Module):
     self.num_heads = int(cfg.num_heads)
     self.head_dim = self.dim // self.num_heads
     self.rope_theta = float(cfg.rope_theta)
+    self.remat = bool(cfg.get("remat", False))
     self.sink_chunks = int(cfg.kv_cache.sink_chunks)
     self.window_chunks = int(cfg.kv_cache.window_chunks)
     if self.window_chunks < 0 or self.sink_chunks < 0:
@@ -144,8 +147,16 @@ class CausalDiT(nnx.Module):
     en, e0n = self.time_embed(t_frames)
     context = self.embed_condition(cond, b)
     angles = rope_angles(0, grid[0], grid[1], grid[2], self.head_dim, self.rope_theta)
-    for block in self.blocks:
+
+    def run_block(block, xc, xn):
       xc, xn = block.teacher_forcing(xc, xn, e0c, e0n, context, angles, num_chunks)
+      return constrain(xc, ax.ACTIVATION), constrain(xn, ax.ACTIVATION)
+
+    if self.remat:  # recompute block activations in the backward pass
+      run_block = nnx.remat(run_block)
+    xc, xn = constrain(xc, ax.ACTIVATION), constrain(xn, ax.ACTIVATION)
+    for block in self.blocks:
+      xc, xn = run_block(block, xc, xn)
     return self._head(xn, en, grid)
 
   # -- streaming ---------------------------------------------------------------------------------
@@ -210,6 +221,7 @@ class CausalDiT(nnx.Module):
     layers = []
     for block, layer_carry in zip(self.blocks, carry["layers"]):
       tokens, layer_carry = block.step(tokens, e0, context, angles, layer_carry, cache_ctx, write)
+      tokens = constrain(tokens, ax.ACTIVATION)
       layers.append(layer_carry)
     out = self._head(tokens, e, grid)
     if not write:  # caches and counter unchanged; states change only in the write ablation

@@ -22,8 +22,11 @@ from absl import logging
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jax.sharding import NamedSharding, PartitionSpec as P
+
 from hybrid_video import checkpoint as ckpt_lib
 from hybrid_video import inputs as inputs_lib
+from hybrid_video import sharding as sharding_lib
 from hybrid_video.diffusion import add_noise
 from hybrid_video.errors import NonFiniteLossError, UserError
 from hybrid_video.metrics import MetricWriter
@@ -64,7 +67,8 @@ def flow_matching_loss(model: CausalDiT, batch, key, tcfg):
   t = sample_chunk_times(k_t, b, num_chunks, tcfg)
   eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
   x_t = add_noise(x0, eps, jnp.repeat(t, model.frames_per_chunk, axis=1))
-  pred = model.teacher_forcing(x0, x_t, t, batch.get("labels"))
+  cond = batch["cond"] if "cond" in batch else batch.get("labels")  # embeddings or labels
+  pred = model.teacher_forcing(x0, x_t, t, cond)
   return jnp.mean(jnp.square(pred.astype(jnp.float32) - (eps - x0)))
 
 
@@ -121,15 +125,37 @@ class Trainer:
     if self.tcfg.num_steps < 1:
       raise UserError(f"train.num_steps={self.tcfg.num_steps} must be >= 1")
     self.data = inputs_lib.make_train_inputs(config)
-    model = CausalDiT(config.model, rngs=nnx.Rngs(config.seed))
-    self.data.check_model(model)
+    self.mesh = sharding_lib.make_mesh(config.mesh)
+    self.rules = sharding_lib.rules_from_config(config.mesh)
     self.tx = make_optimizer(self.tcfg)
-    self.graphdef, _ = nnx.split(model)
-    self.state = init_train_state(model, self.tx)
-    self.train_step = jax.jit(make_train_step(self.graphdef, self.tx, self.tcfg),
-                              donate_argnums=(0,))
-    self.rng = jax.random.key(config.seed + 1)
+    model_cfg, seed = config.model, int(config.seed)
+
+    def init():
+      return init_train_state(CausalDiT(model_cfg, rngs=nnx.Rngs(seed)), self.tx)
+
+    abstract_model = nnx.eval_shape(lambda: CausalDiT(model_cfg, rngs=nnx.Rngs(seed)))
+    self.data.check_model(abstract_model)
+    self.graphdef, _ = nnx.split(abstract_model)
+    abstract_state = jax.eval_shape(init)
+    self.state_specs = sharding_lib.train_state_specs(abstract_state, self.tx, self.rules,
+                                                      self.mesh)
+    self.state_shardings = sharding_lib.named(self.mesh, self.state_specs)
+    # Parameters, optimizer state and EMA are born sharded.
+    self.state = jax.jit(init, out_shardings=self.state_shardings)()
+    replicated = NamedSharding(self.mesh, P())
+    self._train_step = jax.jit(
+        make_train_step(self.graphdef, self.tx, self.tcfg),
+        in_shardings=(self.state_shardings, None, replicated),
+        out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+    self.rng = jax.device_put(jax.random.key(config.seed + 1), replicated)
     self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=self.tcfg.keep_checkpoints)
+
+  def step(self, host_batch: dict):
+    """One optimizer step on this process's slice of a batch. Returns the metrics."""
+    batch = sharding_lib.host_to_global(host_batch, self.mesh, self.rules)
+    with sharding_lib.activation_sharding(self.mesh, self.rules):
+      self.state, metrics = self._train_step(self.state, batch, self.rng)
+    return metrics
 
   def maybe_restore(self) -> int:
     ck = self.checkpointer
@@ -163,7 +189,7 @@ class Trainer:
           break
         batch = next(iterator)
         frames_per_example = batch["video"].shape[1]
-        self.state, metrics = self.train_step(self.state, batch, self.rng)
+        metrics = self.step(batch)
         step += 1
         last_loss = float(metrics["loss"])
         if not math.isfinite(last_loss):

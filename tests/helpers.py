@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from configs.default import get_config
@@ -54,5 +55,6 @@ def tiny_model(ratio: float = 0.75, seed: int = 0, **kw) -> CausalDiT:
 
 
 def rel_err(a, b) -> float:
-  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-  return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
+  """max|a - b| / max|b|, on the host (a and b may live on different device sets)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))

@@ -105,12 +105,27 @@ def _write_terms(k, v, g, beta):
   a = jnp.where(strictly_lower, beta[..., :, None] * kk * gamma, 0.0)
   rhs = jnp.concatenate([(beta * jnp.exp(b))[..., None] * k, beta[..., None] * v], axis=-1)
   # T @ rhs with T = (I + A)^-1, as one unit-lower-triangular solve for W and U together.
-  eye = jnp.eye(chunk_size, dtype=a.dtype)
-  solved = jax.scipy.linalg.solve_triangular(eye + a, rhs, lower=True, unit_diagonal=True)
+  solved = unit_lower_solve(a, rhs)
   w, u0 = solved[..., :key_dim], solved[..., key_dim:]
   k_to_end = gamma[..., -1, :, None] * k  # exp(b_C - b_j) k_j
   chunk_decay = jnp.exp(b[..., -1])
   return w, u0, k_to_end, chunk_decay, b, gamma
+
+
+def unit_lower_solve(a, rhs):
+  """X = (I + A)^-1 rhs for strictly lower-triangular A [..., C, C], by forward substitution.
+
+  Row i: X_i = rhs_i - sum_{j<i} A_ij X_j. Written as a fori_loop of C matrix-vector steps,
+  batched over every leading axis. (LAPACK's batched trsm on CPU stalls for seconds at times
+  and can starve fake-device threads that wait at a collective; this path has neither issue.)
+  """
+  def row(i, x):
+    a_i = jax.lax.dynamic_index_in_dim(a, i, axis=-2, keepdims=False)       # [..., C]
+    r_i = jax.lax.dynamic_index_in_dim(rhs, i, axis=-2, keepdims=False)     # [..., D]
+    x_i = r_i - jnp.einsum("...j,...jd->...d", a_i, x, precision=_HIGHEST)
+    return jax.lax.dynamic_update_index_in_dim(x, x_i, i, axis=-2)
+
+  return jax.lax.fori_loop(0, a.shape[-1], row, jnp.zeros_like(rhs))
 
 
 def _state_update(h, w, u0, k_to_end, chunk_decay):
