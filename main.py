@@ -1,6 +1,9 @@
 """ARL2 command line: python main.py --config=configs/default.py[:variant] --workdir=DIR --mode=MODE.
 
-Modes: train (then stream a long video: the main job), sample.
+Modes: train (then stream a long video: the main job), sample, convert (softmax teacher ->
+ARL2 hybrid, configs/convert.py), benchmark (per-chunk time and memory of each attention
+policy, configs/benchmark.py), eval (long-horizon continuation metrics of checkpoints),
+compile (lower + compile the train and sampler steps for the mesh; print memory and FLOPs).
 User errors (bad config, flags, data, checkpoints, a non-finite loss) print one line and exit 1.
 """
 
@@ -29,11 +32,22 @@ try:  # with the default --config, overrides are applied here, at definition tim
 except (AttributeError, KeyError) as e:
   _fail(_unknown_field(e, sys.argv))
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and videos.")
-flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "convert", "benchmark", "eval",
+                                   "compile"], "What to run.")
 flags.DEFINE_integer("num_frames", None, "--mode=sample: frames to stream (default: "
                      "config.sampler.num_frames).")
 flags.DEFINE_integer("checkpoint_step", None, "--mode=sample: checkpoint step (default: latest).")
+flags.DEFINE_integer("benchmark_chunks", None, "--mode=benchmark: chunks per policy (default: "
+                     "config.benchmark.num_chunks, the paper's horizon).")
+flags.DEFINE_string("eval_workdirs", None, "--mode=eval: [LABEL=]WORKDIR[+FIELD=VALUE...],... "
+                    "checkpoints compared side by side (default: --workdir).")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize (multi-host). With no "
+                  "coordinator flags, JAX reads the cluster from the environment (TPU pods, "
+                  "SLURM, Open MPI).")
+flags.DEFINE_string("coordinator_address", None, "--distributed: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "--distributed: number of processes.")
+flags.DEFINE_integer("process_id", None, "--distributed: index of this process.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -43,6 +57,9 @@ def run(argv):
   if not FLAGS["verbosity"].present:  # keep library INFO chatter (orbax, tfds) out of the way
     logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
+  if FLAGS.distributed:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   logging.info("JAX %s, %d process(es), devices: %s", jax.__version__, jax.process_count(),
                jax.devices())
   config = FLAGS.config
@@ -53,6 +70,20 @@ def run(argv):
     from hybrid_video.sample import sample_main  # pylint: disable=g-import-not-at-top
     sample_main(config, FLAGS.workdir, num_frames=FLAGS.num_frames,
                 checkpoint_step=FLAGS.checkpoint_step, progress=FLAGS.progress)
+  elif FLAGS.mode == "convert":
+    from hybrid_video.convert import convert_main  # pylint: disable=g-import-not-at-top
+    convert_main(config, FLAGS.workdir, progress=FLAGS.progress)
+  elif FLAGS.mode == "benchmark":
+    from hybrid_video.benchmark import benchmark_main  # pylint: disable=g-import-not-at-top
+    benchmark_main(config, FLAGS.workdir, num_chunks=FLAGS.benchmark_chunks,
+                   progress=FLAGS.progress)
+  elif FLAGS.mode == "compile":
+    from hybrid_video.aot import compile_main  # pylint: disable=g-import-not-at-top
+    compile_main(config, FLAGS.workdir)
+  elif FLAGS.mode == "eval":
+    from hybrid_video.evaluate import evaluate_main  # pylint: disable=g-import-not-at-top
+    evaluate_main(config, FLAGS.workdir, eval_workdirs=FLAGS.eval_workdirs,
+                  checkpoint_step=FLAGS.checkpoint_step, progress=FLAGS.progress)
 
 
 def parse_flags(argv):

@@ -53,7 +53,20 @@ def model_config() -> ml_collections.ConfigDict:
   #                              back-end: None (auto), "xla", "reference", "pallas"
   m.memory_impl = placeholder(str)  # gated-delta back-end
   m.gdn_chunk_size = 64        # sub-chunk C of the chunked WY/UT gated delta rule
+  m.remat = False              # rematerialise each block in the backward pass (saves memory)
   return m
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  """Device mesh (data, fsdp, tensor, context); -1 takes the remaining devices."""
+  h = ml_collections.ConfigDict()
+  h.data = -1                  # pure data parallelism
+  h.fsdp = 1                   # parameters, optimizer state and EMA sharded over `embed`
+  h.tensor = 1                 # heads and MLP width (Megatron-style)
+  h.context = 1                # tokens of activations and K/V caches
+  h.rules = ()                 # overrides of hybrid_video/sharding.DEFAULT_RULES:
+  #                              ((logical, mesh axis or tuple or None), ...)
+  return h
 
 
 def wan1_3b_model() -> ml_collections.ConfigDict:
@@ -70,6 +83,7 @@ def wan1_3b_model() -> ml_collections.ConfigDict:
   m.cond = "embeddings"
   m.text_dim = 4096
   m.dtype = "bfloat16"
+  m.remat = True
   return m
 
 
@@ -114,7 +128,8 @@ def train_config() -> ml_collections.ConfigDict:
   t.end_lr_factor = 0.05       # cosine decay ends at learning_rate * end_lr_factor
   t.weight_decay = 0.01        # AdamW decoupled weight decay (matrices only)
   t.grad_clip = 1.0            # global gradient-norm clip
-  t.ema_decay = 0.999          # EMA of the parameters, used for sampling
+  t.ema_decay = 0.999          # EMA of the parameters, used for sampling (warmup:
+  #                              decay = min(ema_decay, (1 + step) / (10 + step)))
   t.t_logit_mean = 0.0         # per-chunk noise level t = sigmoid(N(mean, std)) (logit-normal)
   t.t_logit_std = 1.0
   t.log_every = 20             # steps between metric writes
@@ -127,14 +142,40 @@ def train_config() -> ml_collections.ConfigDict:
   return t
 
 
+def eval_config() -> ml_collections.ConfigDict:
+  """--mode=eval (hybrid_video/evaluate.py): long-horizon continuation of test clips."""
+  e = ml_collections.ConfigDict()
+  e.context_frames = 4         # k: ground-truth frames fed by context passes (whole chunks)
+  e.num_frames = 80            # M: frames generated after them (80 = 10x the 8-frame clips)
+  e.num_videos = 32            # test clips evaluated (the first of the test split)
+  e.batch_size = 32            # clips streamed together
+  e.bucket_clips = (1, 2, 4, 10)  # horizon bucket edges, in training-clip lengths
+  e.search_radius = 0          # position search radius in pixels; 0 = the digit size
+  e.ink_threshold = 0.25       # a crop / search area whose max is below this holds no digit
+  e.psnr_cap = 100.0           # PSNR of identical frames (dB)
+  e.seed = 0                   # sampling noise seed (the same for every checkpoint)
+  return e
+
+
+def compile_config() -> ml_collections.ConfigDict:
+  a = ml_collections.ConfigDict()
+  a.clip_chunks = 2            # --mode=compile: chunks per training clip
+  a.cond_tokens = 16           # --mode=compile: conditioning tokens for model.cond="embeddings"
+  a.sample_batch = 1           # --mode=compile: batch of the sampler step
+  return a
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config of variant `arg` (see module docstring)."""
   c = ml_collections.ConfigDict()
   c.seed = 0                   # model init seed
   c.model = model_config()
   c.sampler = sampler_config()
+  c.mesh = mesh_config()
+  c.compile = compile_config()
   c.data = data_config()
   c.train = train_config()
+  c.eval = eval_config()
   c.video_fps = 8              # frame rate of written mp4 files
   c.video_upscale = 4          # nearest-neighbour upscale of written mp4 frames
   variant = arg or "arl2"

@@ -15,6 +15,7 @@ from flax import nnx
 
 from hybrid_video.attention import CrossAttention, SelfAttention
 from hybrid_video.hybrid_attention import HybridAttention
+from hybrid_video.lora import LoRA, lora_settings
 
 
 def _frames(x: jax.Array, t: int) -> jax.Array:
@@ -36,13 +37,23 @@ def gated_residual(x: jax.Array, y: jax.Array, gate: jax.Array) -> jax.Array:
 
 
 class MLP(nnx.Module):
+  """Linear -> GELU(tanh) -> Linear, with optional LoRA deltas on both linears (conversion)."""
 
-  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=None):
+  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=None, lora_rank: int = 0,
+               lora_alpha: float = 32.0):
     self.fc1 = nnx.Linear(dim, hidden, rngs=rngs, dtype=dtype)
     self.fc2 = nnx.Linear(hidden, dim, rngs=rngs, dtype=dtype)
+    if lora_rank:  # a data or a static attribute, decided once
+      self.fc1_lora = LoRA(dim, hidden, lora_rank, lora_alpha, rngs=rngs, dtype=dtype)
+      self.fc2_lora = LoRA(hidden, dim, lora_rank, lora_alpha, rngs=rngs, dtype=dtype)
+    else:
+      self.fc1_lora = self.fc2_lora = None
 
   def __call__(self, x):
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+    if self.fc1_lora is None:
+      return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+    h = jax.nn.gelu(self.fc1(x) + self.fc1_lora(x), approximate=True)
+    return self.fc2(h) + self.fc2_lora(h)
 
 
 class Block(nnx.Module):
@@ -51,6 +62,7 @@ class Block(nnx.Module):
   def __init__(self, cfg, hybrid: bool, *, rngs: nnx.Rngs):
     dim, dtype = cfg.dim, jnp.dtype(cfg.dtype)
     self.hybrid = hybrid
+    lora = lora_settings(cfg)  # LoRA (conversion stage 2) touches hybrid layers only
     self.modulation = nnx.Param(jax.random.normal(rngs.params(), (1, 6, dim)) / dim ** 0.5)
     self.norm1 = nnx.LayerNorm(dim, epsilon=cfg.eps, use_bias=False, use_scale=False, rngs=rngs)
     self.norm2 = nnx.LayerNorm(dim, epsilon=cfg.eps, use_bias=False, use_scale=False, rngs=rngs)
@@ -60,12 +72,14 @@ class Block(nnx.Module):
           dim, cfg.num_heads, cfg.eps, rngs=rngs, dtype=dtype,
           attention_impl=cfg.attention_impl, memory_impl=cfg.memory_impl,
           gdn_chunk_size=cfg.gdn_chunk_size, read=cfg.memory.read,
-          write_during_denoising=cfg.memory.write_during_denoising)
+          write_during_denoising=cfg.memory.write_during_denoising,
+          memory_lora_rank=lora.memory_rank, memory_lora_alpha=lora.alpha)
     else:
       self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps, rngs=rngs, dtype=dtype,
                                      implementation=cfg.attention_impl)
     self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps, rngs=rngs, dtype=dtype)
-    self.ffn = MLP(dim, cfg.mlp_dim, rngs=rngs, dtype=dtype)
+    self.ffn = MLP(dim, cfg.mlp_dim, rngs=rngs, dtype=dtype,
+                   lora_rank=lora.mlp_rank if hybrid else 0, lora_alpha=lora.alpha)
 
   def _mods(self, e0):
     """e0 [B, T, 6, dim] -> six [B, T, dim] modulations (fp32)."""

@@ -10,6 +10,10 @@ Shared W_q, W_k, W_v, W_o and q/k RMSNorm with the softmax layer, then two branc
 
 with g_t = -exp(A_log) softplus(x_t W_a + dt_bias) <= 0 and beta_t = 2 sigmoid(x_t W_b).
 The state S is stored K-first: h = S^T in R^{D_k x D_v}, fp32. No K/V cache is kept.
+
+Optional memory-branch LoRA (conversion stage 2, `hybrid_video/lora.py`): the memory branch then
+uses norm_q(W_q x + b_q + dq(x)) (and likewise k, v) in place of the shared q, k, v, while the
+intra branch keeps the shared projections.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ from flax import nnx
 
 from hybrid_video.attention import QKVProjection
 from hybrid_video.errors import UserError
+from hybrid_video import kernel_calls
 from hybrid_video.embeddings import apply_rope
-from kernels.gated_delta import api as gdn_api
-from kernels.local_attention import api as attention_api
+from hybrid_video.lora import LoRA
 
 GATE_GAIN = 2.0 ** -2.5
 
@@ -53,7 +57,8 @@ class HybridAttention(QKVProjection):
 
   def __init__(self, dim, num_heads, eps, *, rngs, dtype=None, attention_impl=None,
                memory_impl=None, gdn_chunk_size: int = 64, read: str = "block",
-               write_during_denoising: bool = False):
+               write_during_denoising: bool = False, memory_lora_rank: int = 0,
+               memory_lora_alpha: float = 32.0):
     super().__init__(dim, num_heads, eps, rngs=rngs, dtype=dtype)
     if read not in ("block", "token"):
       raise UserError(f"model.memory.read={read!r} must be 'block' or 'token'")
@@ -72,20 +77,33 @@ class HybridAttention(QKVProjection):
     self.w_a, self.w_b, self.w_gate = gate(), gate(), gate()
     self.a_log = nnx.Param(_a_log_init(rngs.params(), (h,)))
     self.dt_bias = nnx.Param(_dt_bias_init(rngs.params(), (h,)))
+    if memory_lora_rank:  # a data or a static attribute, decided once
+      lora = lambda: LoRA(dim, dim, memory_lora_rank, memory_lora_alpha, rngs=rngs, dtype=dtype)
+      self.mem_q_lora, self.mem_k_lora, self.mem_v_lora = lora(), lora(), lora()
+    else:
+      self.mem_q_lora = self.mem_k_lora = self.mem_v_lora = None
 
   # -- pieces ------------------------------------------------------------------------------------
 
   def _phi(self, phi, x):
     return jnp.einsum("bthd,hde->bthe", x.astype(jnp.float32), phi[...].astype(jnp.float32))
 
+  def memory_project(self, x):
+    """The memory branch's q, k, v [B, T, H, D] (before phi): the shared projections plus the
+    memory-branch LoRA deltas, added before the q/k RMSNorm."""
+    q = self.heads(self.norm_q(self.q(x) + self.mem_q_lora(x)))
+    k = self.heads(self.norm_k(self.k(x) + self.mem_k_lora(x)))
+    return q, k, self.heads(self.v(x) + self.mem_v_lora(x))
+
   def branches(self, x, angles):
     """x [B, T, dim] -> dict of intra q/k/v (rotated) and memory q_g/k_g/v_g, each [B, T, H, D]."""
     q, k, v = self.project(x)
+    qm, km, vm = (q, k, v) if self.mem_q_lora is None else self.memory_project(x)
     return {
         "q": apply_rope(q, angles), "k": apply_rope(k, angles), "v": v,
-        "qg": _l2norm(apply_rope(self._phi(self.phi_q, q), angles)),
-        "kg": _l2norm(apply_rope(self._phi(self.phi_k, k), angles)),
-        "vg": self._phi(self.phi_v, v),
+        "qg": _l2norm(apply_rope(self._phi(self.phi_q, qm), angles)),
+        "kg": _l2norm(apply_rope(self._phi(self.phi_k, km), angles)),
+        "vg": self._phi(self.phi_v, vm),
     }
 
   def write_gates(self, x):
@@ -100,9 +118,13 @@ class HybridAttention(QKVProjection):
     """gamma [B, T, H] = sigmoid(x W_gate), one gate per token and head."""
     return jax.nn.sigmoid(self.w_gate(x).astype(jnp.float32))
 
-  def fuse(self, x, intra, inter):
+  def fuse_heads(self, x, intra, inter):
+    """intra + gamma * inter per head, before W_o: [B, T, H, D]."""
     gamma = self.output_gate(x)[..., None]
-    return self.out((intra.astype(jnp.float32) + gamma * inter).astype(intra.dtype))
+    return (intra.astype(jnp.float32) + gamma * inter).astype(intra.dtype)
+
+  def fuse(self, x, intra, inter):
+    return self.out(self.fuse_heads(x, intra, inter))
 
   def read(self, qg, state):
     """Block-level read: D^-1/2 q_g . h for every token. qg [B, T, H, K], state [B, H, K, V]."""
@@ -116,7 +138,7 @@ class HybridAttention(QKVProjection):
     state [B, H, K, V]. Shifting k, v, g, beta right by one token turns the inclusive GDN
     output o_t = h_t^T q_t into the exclusive read q_t . h_{t-1}."""
     shift = lambda a: jnp.pad(a, [(0, 0), (1, 0)] + [(0, 0)] * (a.ndim - 2))[:, :-1]
-    reads, _ = gdn_api.gated_delta_rule(
+    reads, _ = kernel_calls.gated_delta_rule(
         qg, shift(kg), shift(vg), shift(g), shift(beta), scale=self.head_dim ** -0.5,
         initial_state=state, chunk_size=self.gdn_chunk_size, implementation=self.memory_impl)
     return reads
@@ -128,20 +150,35 @@ class HybridAttention(QKVProjection):
 
     States are built from the clean chunks only; both copies of chunk n read S_{n-1}.
     """
+    yc, yn = self.teacher_forcing_heads(x_clean, x_noisy, angles, num_chunks)
+    return self.out(yc), self.out(yn)
+
+  def teacher_forcing_heads(self, x_clean, x_noisy, angles, num_chunks: int):
+    """`teacher_forcing` before W_o: (intra + gamma * inter) [B, N*L, H, D] for both copies."""
+    p = self.teacher_forcing_parts(x_clean, x_noisy, angles, num_chunks)
+    return (self.fuse_heads(x_clean, p["intra_clean"], p["inter_clean"]),
+            self.fuse_heads(x_noisy, p["intra_noisy"], p["inter_noisy"]))
+
+  def teacher_forcing_parts(self, x_clean, x_noisy, angles, num_chunks: int) -> dict:
+    """The branches of the teacher-forcing forward before fusion (also used by diagnostics).
+
+    Returns intra_* and inter_* [B, N*L, H, D] for both copies ("clean", "noisy"), and the clean
+    write gates g [B, N*L, H] (log decay of the state writes).
+    """
     b, t, _ = x_clean.shape
     n, l = num_chunks, t // num_chunks
     c, z = self.branches(x_clean, angles), self.branches(x_noisy, angles)
     chunked = lambda a: a.reshape(b, n, l, *a.shape[2:])
-    intra_c = attention_api.chunk_local_attention(
+    intra_c = kernel_calls.chunk_local_attention(
         chunked(c["q"]), chunked(c["k"]), chunked(c["v"]), implementation=self.attention_impl)
-    intra_n = attention_api.chunk_local_attention(
+    intra_n = kernel_calls.chunk_local_attention(
         chunked(z["q"]), chunked(z["k"]), chunked(z["v"]), implementation=self.attention_impl)
     if self.write_during_denoising:
       raise UserError("model.memory.write_during_denoising has no teacher-forcing form: it is "
                       "a sampling-time ablation; train with it off")
     g, beta = self.write_gates(x_clean)
     q_read = jnp.concatenate([chunked(c["qg"]), chunked(z["qg"])], axis=2)  # [B, N, 2L, H, K]
-    reads, prev_states, _ = gdn_api.arl2_memory(
+    reads, prev_states, _ = kernel_calls.arl2_memory(
         q_read, chunked(c["kg"]), chunked(c["vg"]), chunked(g), chunked(beta),
         initial_state=None, scale=self.head_dim ** -0.5, chunk_size=self.gdn_chunk_size,
         implementation=self.memory_impl)
@@ -156,9 +193,9 @@ class HybridAttention(QKVProjection):
           self.token_read(per_chunk(br["qg"]), per_chunk(br["kg"]), per_chunk(br["vg"]),
                           per_chunk(gg), per_chunk(bb), states).reshape(b, t, *c["vg"].shape[2:])
           for br, gg, bb in ((c, g, beta), (z, g_n, beta_n)))
-    y_c = self.fuse(x_clean, intra_c.reshape(b, t, *intra_c.shape[3:]), inter_c)
-    y_n = self.fuse(x_noisy, intra_n.reshape(b, t, *intra_n.shape[3:]), inter_n)
-    return y_c, y_n
+    return {"intra_clean": intra_c.reshape(b, t, *intra_c.shape[3:]), "inter_clean": inter_c,
+            "intra_noisy": intra_n.reshape(b, t, *intra_n.shape[3:]), "inter_noisy": inter_n,
+            "g": g}
 
   def step(self, x, angles, state, write: bool):
     """One chunk. x [B, L, dim], state [B, H, K, V] fp32 = S_{n-1}.
@@ -168,7 +205,7 @@ class HybridAttention(QKVProjection):
     """
     br = self.branches(x, angles)
     one = lambda a: a[:, None]
-    intra = attention_api.chunk_local_attention(
+    intra = kernel_calls.chunk_local_attention(
         one(br["q"]), one(br["k"]), one(br["v"]), implementation=self.attention_impl)[:, 0]
     update = write or self.write_during_denoising
     if update or self.read_mode == "token":
@@ -176,7 +213,7 @@ class HybridAttention(QKVProjection):
     if self.read_mode == "token":
       inter = self.token_read(br["qg"], br["kg"], br["vg"], g, beta, state)
     if update:
-      reads, _, new_state = gdn_api.arl2_memory(
+      reads, _, new_state = kernel_calls.arl2_memory(
           one(br["qg"]), one(br["kg"]), one(br["vg"]), one(g), one(beta),
           initial_state=state, scale=self.head_dim ** -0.5, chunk_size=self.gdn_chunk_size,
           implementation=self.memory_impl)

@@ -95,7 +95,9 @@ def make_train_step(graphdef, tx, tcfg, loss_fn: Callable = flow_matching_loss):
     loss, grads = jax.value_and_grad(loss_of)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    d = tcfg.ema_decay
+    # EMA warmup: early on the average follows the parameters instead of the random init.
+    step = state["step"].astype(jnp.float32)
+    d = jnp.minimum(tcfg.ema_decay, (1.0 + step) / (10.0 + step))
     ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], params)
     metrics = {
         "loss": loss,

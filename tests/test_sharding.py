@@ -134,3 +134,18 @@ def test_mesh_shape_errors():
     sharding_lib.mesh_shape(mesh_cfg(data=4, tensor=4), 8)
   with pytest.raises(ValueError, match="at most one"):
     sharding_lib.mesh_shape(mesh_cfg(data=-1, fsdp=-1), 8)
+
+
+@pytest.mark.slow
+def test_compile_mode_prints_memory_analysis(tmp_path, capsys):
+  from hybrid_video.aot import compile_main
+  cfg = smoke_config(tmp_path / "unused")
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+  cfg.train.batch_size = 8
+  results = compile_main(cfg, str(tmp_path))
+  out = capsys.readouterr().out
+  for field in ("argument_size_in_bytes", "temp_size_in_bytes", "flops"):
+    assert field in out
+  assert results["train_step"]["temp_size_in_bytes"] > 0
+  assert results["sample_step"]["argument_size_in_bytes"] > 0
+  assert os.path.exists(tmp_path / "compile_analysis.json")

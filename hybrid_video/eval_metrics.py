@@ -1,0 +1,173 @@
+"""Frame metrics for the long-horizon evaluation (numpy; frames in [0, 1]).
+
+- `psnr`: 10 log10(1 / MSE) per frame, capped (identical frames give the cap, not inf).
+- `ssim`: Wang et al. (2004) with an 11x11 Gaussian window (sigma 1.5; shrunk to the frame when
+  the frame is smaller), C1 = (0.01 L)^2, C2 = (0.03 L)^2, L = 1, over the 'valid' window
+  positions (as the reference MATLAB ssim.m), averaged over positions and channels.
+- `DigitClassifier`: an RBF SVM on upsampled digit crops of the bundled sklearn digits' TRAIN
+  split (moving_digits.split_source_indices), trained with +-1 pixel shifts; every crop is
+  scaled to max 1 first, so dim generated digits are read like bright ones. A crop with no ink
+  (max < ink_threshold) is classified -1 ("no digit").
+- `locate_digits`: each digit's top-left position in a frame, found by template matching: the
+  digit's own image (known from the clip's source_index) is compared (sum of squared
+  differences) with every window whose top-left lies within `radius` pixels (Chebyshev) of the
+  true position; the best window wins. With no ink in the searched area the digit is lost.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+
+def psnr(a: np.ndarray, b: np.ndarray, *, cap: float = 100.0) -> np.ndarray:
+  """PSNR in dB of frames [..., H, W, C] in [0, 1]; returns [...], at most `cap`."""
+  mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2, axis=(-3, -2, -1))
+  with np.errstate(divide="ignore"):
+    out = 10.0 * np.log10(1.0 / mse)
+  return np.minimum(out, cap)
+
+
+def _gaussian_matrix(n: int, win: int, sigma: float) -> np.ndarray:
+  """[n - win + 1, n] matrix applying a normalised 1-D Gaussian window at each valid position."""
+  x = np.arange(win, dtype=np.float64) - (win - 1) / 2.0
+  w = np.exp(-0.5 * (x / sigma) ** 2)
+  w /= w.sum()
+  m = np.zeros((n - win + 1, n))
+  for i in range(n - win + 1):
+    m[i, i:i + win] = w
+  return m
+
+
+def ssim(a: np.ndarray, b: np.ndarray, *, win: int = 11, sigma: float = 1.5, k1: float = 0.01,
+         k2: float = 0.03, data_range: float = 1.0) -> np.ndarray:
+  """Mean SSIM of frames [..., H, W, C] in [0, data_range]; returns [...]."""
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  h, w = a.shape[-3:-1]
+  win = min(win, h, w)
+  win -= 1 - win % 2  # odd
+  gh, gw = _gaussian_matrix(h, win, sigma), _gaussian_matrix(w, win, sigma)
+  filt = lambda x: np.einsum("ih,...hwc,jw->...ijc", gh, x, gw, optimize=True)
+  mu_a, mu_b = filt(a), filt(b)
+  var_a = filt(a * a) - mu_a ** 2
+  var_b = filt(b * b) - mu_b ** 2
+  cov = filt(a * b) - mu_a * mu_b
+  c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+  s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)
+       / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)))
+  return s.mean(axis=(-3, -2, -1))
+
+
+def crops(frames: np.ndarray, top_left: np.ndarray, size: int) -> np.ndarray:
+  """Windows of side `size`. frames [..., H, W]; top_left int [..., n, 2] -> [..., n, size, size].
+
+  Windows must lie inside the frame (moving_digits positions always do)."""
+  frames = np.asarray(frames)
+  lead = frames.shape[:-2]
+  n = top_left.shape[-2]
+  f = frames.reshape(-1, *frames.shape[-2:])
+  tl = np.asarray(top_left, np.int64).reshape(-1, n, 2)
+  r = np.arange(size)
+  rows = (tl[..., 0, None] + r)[..., :, None]  # [M, n, s, 1]
+  cols = (tl[..., 1, None] + r)[..., None, :]  # [M, n, 1, s]
+  out = f[np.arange(len(f))[:, None, None, None], rows, cols]
+  return out.reshape(*lead, n, size, size)
+
+
+def locate_digits(frames: np.ndarray, templates: np.ndarray, true_top_left: np.ndarray, *,
+                  radius: int, ink_threshold: float = 0.25):
+  """Template-matched top-left of each digit near its true position.
+
+  frames [..., H, W] in [0, 1]; templates [..., n, s, s] in [0, 1] (broadcast over frames'
+  leading dims when they have fewer of them); true_top_left int [..., n, 2].
+  Returns (found int [..., n, 2], lost bool [..., n]). A digit is lost when the searched area
+  (every candidate window) holds no pixel >= ink_threshold.
+  """
+  frames = np.asarray(frames, np.float32)
+  h, w = frames.shape[-2:]
+  s = templates.shape[-1]
+  true_top_left = np.asarray(true_top_left, np.int64)
+  templates = np.broadcast_to(np.asarray(templates, np.float32),
+                              (*true_top_left.shape[:-1], s, s))
+  best = np.full(true_top_left.shape[:-1], np.inf)
+  found = true_top_left.copy()
+  ink = np.zeros(true_top_left.shape[:-1], bool)
+  for dy, dx in _shifts_by_distance(radius):
+    cand = true_top_left + np.array([dy, dx])
+    valid = ((cand[..., 0] >= 0) & (cand[..., 0] <= h - s) &
+             (cand[..., 1] >= 0) & (cand[..., 1] <= w - s))
+    safe = np.where(valid[..., None], cand, true_top_left)
+    win = crops(frames, safe, s)
+    ssd = np.sum((win - templates) ** 2, axis=(-2, -1))
+    ssd = np.where(valid, ssd, np.inf)
+    ink |= valid & (win.max(axis=(-2, -1)) >= ink_threshold)
+    better = ssd < best  # strict: a tie keeps the candidate nearer the truth (searched first)
+    best = np.where(better, ssd, best)
+    found = np.where(better[..., None], cand, found)
+  return found, ~ink
+
+
+@functools.lru_cache(maxsize=8)
+def _shifts_by_distance(radius: int) -> tuple[tuple[int, int], ...]:
+  shifts = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+  return tuple(sorted(shifts, key=lambda d: (d[0] ** 2 + d[1] ** 2, d)))
+
+
+class DigitClassifier:
+  """Digit identity from a crop [..., s, s] in [0, 1] (see module docstring)."""
+
+  def __init__(self, digit_size: int, interpolation: str = "bilinear", *,
+               ink_threshold: float = 0.25, seed: int = 0):
+    from sklearn.svm import SVC  # pylint: disable=g-import-not-at-top
+    from data import moving_digits  # pylint: disable=g-import-not-at-top
+    self.digit_size = int(digit_size)
+    self.ink_threshold = float(ink_threshold)
+    images, labels, _ = moving_digits.load_digit_images("train", self.digit_size, interpolation)
+    x = images.astype(np.float32) / 255.0
+    shifted, ys = [], []
+    for dy, dx in ((0, 0), (0, 1), (1, 0), (0, -1), (-1, 0)):
+      shifted.append(_shift(x, dy, dx))
+      ys.append(labels)
+    self.svm = SVC(C=5.0, gamma="scale", random_state=seed)
+    self.svm.fit(self._features(np.concatenate(shifted)), np.concatenate(ys))
+    self.test_accuracy = self.accuracy("test", interpolation)
+    self.train_accuracy = self.accuracy("train", interpolation)
+
+  def _features(self, x: np.ndarray) -> np.ndarray:
+    x = x.reshape(-1, self.digit_size * self.digit_size).astype(np.float32)
+    return x / np.maximum(x.max(axis=1, keepdims=True), 1e-6)
+
+  def predict(self, crops_: np.ndarray) -> np.ndarray:
+    """crops [..., s, s] in [0, 1] -> int labels [...], -1 where the crop has no ink."""
+    crops_ = np.asarray(crops_, np.float32)
+    lead = crops_.shape[:-2]
+    flat = crops_.reshape(-1, self.digit_size, self.digit_size)
+    out = np.full(len(flat), -1, np.int64)
+    has_ink = flat.max(axis=(1, 2)) >= self.ink_threshold
+    if has_ink.any():
+      out[has_ink] = self.svm.predict(self._features(flat[has_ink]))
+    return out.reshape(lead)
+
+  def accuracy(self, split: str, interpolation: str = "bilinear") -> float:
+    from data import moving_digits  # pylint: disable=g-import-not-at-top
+    images, labels, _ = moving_digits.load_digit_images(split, self.digit_size, interpolation)
+    return float(np.mean(self.predict(images.astype(np.float32) / 255.0) == labels))
+
+
+def _shift(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
+  """Shift images [n, s, s] by (dy, dx) pixels, filling with 0 (no wrap-around)."""
+  out = np.zeros_like(x)
+  s = x.shape[-1]
+  ys, yd = (slice(0, s - dy), slice(dy, s)) if dy >= 0 else (slice(-dy, s), slice(0, s + dy))
+  xs, xd = (slice(0, s - dx), slice(dx, s)) if dx >= 0 else (slice(-dx, s), slice(0, s + dx))
+  out[:, yd, xd] = x[:, ys, xs]
+  return out
+
+
+@functools.lru_cache(maxsize=4)
+def digit_classifier(digit_size: int, interpolation: str = "bilinear",
+                     ink_threshold: float = 0.25) -> DigitClassifier:
+  """The classifier for a digit size, trained once per process (about a second)."""
+  return DigitClassifier(digit_size, interpolation, ink_threshold=ink_threshold)

@@ -1,0 +1,425 @@
+"""--mode=eval: long-horizon continuation of moving_digits test clips, against the true dynamics.
+
+For each test clip, the first k ground-truth frames (eval.context_frames, whole chunks) go
+through context passes (t = 0, write=True: the teacher-forced clean history); the model then
+streams M more frames (eval.num_frames, up to any multiple of the 8-frame training clips) with
+the sampler's per-chunk step. The ground truth for all k + M frames is rendered from the clip's
+own dynamics (`moving_digits.regenerate_clip`: the same digit images, start and velocity,
+bouncing off the walls), so every generated frame has an exact reference.
+
+Per generated frame (index 0 = the first frame after the context) and per horizon bucket
+(eval.bucket_clips, in training-clip lengths):
+  psnr, ssim        vs the true frame (hybrid_video/eval_metrics.py)
+  retention         the digit classifier reads the same digit in the generated frame as in
+                    the true frame, both cropped at the digit's true position (a crop with no
+                    ink reads as "no digit" and is not retained)
+  label_accuracy    the classifier's reading of the generated crop equals the clip's label
+  position_error    pixels between the digit's true top-left and its template-matched
+                    top-left in the generated frame, searched within eval.search_radius; a digit
+                    with no ink in the searched area is lost and scores radius * sqrt(2)
+  lost              fraction of digits lost
+Two baselines are evaluated alongside the models: "last_frame" (the last context frame repeated)
+and "blank" (an empty canvas). The canvas is mostly background, so a blank frame already scores
+SSIM ~0.6 and PSNR ~15 dB; read the models against these floors.
+
+Checkpoints: --eval_workdirs=ENTRY[,ENTRY...], ENTRY = [LABEL=]WORKDIR[+FIELD=VALUE...], where
+FIELD is a model field a checkpoint does not fix (e.g. memory.write_during_denoising), so
+  --eval_workdirs=teacher=runs/softmax,arl2=runs/arl2,\
+arl2_noisy=runs/arl2+memory.write_during_denoising=true
+compares three settings side by side on the same clips and sampling noise. Without the flag the
+checkpoint in --workdir is evaluated. Results go to <workdir>/eval/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from hybrid_video import eval_metrics
+from hybrid_video.chunk_runner import ChunkRunner
+from hybrid_video.errors import UserError
+from hybrid_video.restore import load_model, parse_override_value
+from hybrid_video.run_info import blas_threads_limit, hardware_info, provenance
+
+BASELINES = ("last_frame", "blank")  # the last context frame repeated; an empty canvas
+
+
+@dataclasses.dataclass
+class EvalEntry:
+  label: str
+  workdir: str
+  overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def parse_eval_workdirs(spec: str | None, default_workdir: str) -> list[EvalEntry]:
+  """'[LABEL=]WORKDIR[+FIELD=VALUE...],...' -> entries (see module docstring)."""
+  if not spec:
+    return [EvalEntry(os.path.basename(os.path.normpath(default_workdir)) or "model",
+                      default_workdir)]
+  entries = []
+  for item in spec.split(","):
+    item = item.strip()
+    if not item:
+      continue
+    head, *over = item.split("+")
+    label, path = head.split("=", 1) if "=" in head else (None, head)
+    if not path:
+      raise UserError(f"--eval_workdirs entry {item!r} has no workdir")
+    overrides = {}
+    for o in over:
+      if "=" not in o:
+        raise UserError(f"--eval_workdirs override {o!r} in {item!r} must be FIELD=VALUE")
+      k, v = o.split("=", 1)
+      overrides[k.strip()] = parse_override_value(v)
+    if label is None:
+      label = os.path.basename(os.path.normpath(path)) + "".join(
+          f"+{k}={v}" for k, v in overrides.items())
+    entries.append(EvalEntry(label, path, overrides))
+  labels = [e.label for e in entries]
+  if len(set(labels)) != len(labels) or set(labels) & set(BASELINES):
+    raise UserError(f"--eval_workdirs labels must be unique and not {BASELINES}: {labels}")
+  if not entries:
+    raise UserError("--eval_workdirs is empty")
+  return entries
+
+
+# -- ground truth ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class GroundTruth:
+  video: np.ndarray        # uint8 [V, T, H, W, 1]
+  top_left: np.ndarray     # int [V, T, n, 2], where each digit is drawn
+  labels: np.ndarray       # int [V, n]
+  templates: np.ndarray    # float [V, n, s, s] in [0, 1], each digit's image
+  clip_frames: int         # length of the stored (training) clips
+  digit_size: int
+  interpolation: str
+
+  @property
+  def frames01(self) -> np.ndarray:
+    return self.video.astype(np.float32) / 255.0
+
+
+def load_ground_truth(config, num_videos: int, total_frames: int) -> GroundTruth:
+  """The first `num_videos` test clips, re-rendered for `total_frames` frames."""
+  from data import moving_digits  # pylint: disable=g-import-not-at-top
+  from hybrid_video import inputs as inputs_lib  # pylint: disable=g-import-not-at-top
+  if config.data.source != "moving_digits":
+    raise UserError(f"--mode=eval needs data.source='moving_digits' (known dynamics), got "
+                    f"{config.data.source!r}")
+  dcfg = moving_digits.get_config(config.data.config)
+  source = inputs_lib.make_split_source(config, "test")
+  if num_videos > len(source):
+    raise UserError(f"eval.num_videos={num_videos} exceeds the {len(source)} test clips")
+  videos, tops, labels, templates = [], [], [], []
+  for i in range(num_videos):
+    ex = source[i]
+    video, positions = moving_digits.regenerate_clip(ex, total_frames, dcfg)
+    videos.append(video)
+    tops.append(moving_digits.pixel_positions(positions, dcfg.canvas_size, dcfg.digit_size))
+    labels.append(np.asarray(ex["labels"], np.int64))
+    templates.append(moving_digits.digit_images_for(ex["source_index"], dcfg.digit_size,
+                                                    dcfg.interpolation))
+  return GroundTruth(video=np.stack(videos), top_left=np.stack(tops), labels=np.stack(labels),
+                     templates=np.stack(templates).astype(np.float32) / 255.0,
+                     clip_frames=int(dcfg.num_frames), digit_size=int(dcfg.digit_size),
+                     interpolation=dcfg.interpolation)
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+
+def frame_metrics(generated: np.ndarray, truth: np.ndarray, top_left: np.ndarray,
+                  templates: np.ndarray, classifier, *, radius: int, ink_threshold: float,
+                  psnr_cap: float) -> dict[str, np.ndarray]:
+  """Per-frame metrics. generated, truth [V, M, H, W, C] in [0, 1]; top_left int [V, M, n, 2]
+  (true positions); templates [V, n, s, s]. Returns psnr, ssim [V, M] and retained,
+  label_pred, truth_pred, position_error, lost [V, M, n]."""
+  generated = np.asarray(generated, np.float32)
+  truth = np.asarray(truth, np.float32)
+  size = templates.shape[-1]
+  gray_gen, gray_true = generated.mean(axis=-1), truth.mean(axis=-1)
+  pred = classifier.predict(eval_metrics.crops(gray_gen, top_left, size))
+  truth_pred = classifier.predict(eval_metrics.crops(gray_true, top_left, size))
+  found, lost = eval_metrics.locate_digits(gray_gen, templates[:, None], top_left,
+                                           radius=radius, ink_threshold=ink_threshold)
+  error = np.linalg.norm((found - top_left).astype(np.float64), axis=-1)
+  error = np.where(lost, radius * math.sqrt(2.0), error)
+  return {
+      "psnr": eval_metrics.psnr(generated, truth, cap=psnr_cap),
+      "ssim": eval_metrics.ssim(generated, truth),
+      "retained": (pred == truth_pred) & (pred >= 0),
+      "label_pred": pred,
+      "truth_pred": truth_pred,
+      "position_error": error,
+      "lost": lost,
+  }
+
+
+def bucket_edges(num_frames: int, clip_frames: int, bucket_clips) -> list[tuple[int, int]]:
+  """[(start, stop)) frame ranges: edges at multiples of the clip length, cut at num_frames."""
+  edges = [0] + [int(round(b * clip_frames)) for b in bucket_clips]
+  edges = sorted({min(e, num_frames) for e in edges} | {num_frames})
+  return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def summarize(m: dict[str, np.ndarray], labels: np.ndarray, buckets) -> dict:
+  """Means over clips (and digits) per frame, per bucket and overall."""
+  label_ok = m["label_pred"] == labels[:, None, :]
+  series = {
+      "psnr": m["psnr"], "ssim": m["ssim"], "retention": m["retained"].astype(np.float64),
+      "label_accuracy": label_ok.astype(np.float64),
+      "position_error": m["position_error"], "lost": m["lost"].astype(np.float64),
+  }
+  per_frame = {k: _frame_mean(v).tolist() for k, v in series.items()}
+  out_buckets = []
+  for a, b in buckets:
+    out_buckets.append({"frames": [a, b], **{k: float(np.mean(v[:, a:b])) for k, v in
+                                             series.items()}})
+  overall = {k: float(np.mean(v)) for k, v in series.items()}
+  return {"per_frame": per_frame, "buckets": out_buckets, "overall": overall}
+
+
+def _frame_mean(x: np.ndarray) -> np.ndarray:
+  return x.reshape(x.shape[0], x.shape[1], -1).mean(axis=(0, 2))
+
+
+# -- streaming -------------------------------------------------------------------------------------
+
+
+def continue_clips(runner: ChunkRunner, gt: GroundTruth, *, context_frames: int,
+                   num_frames: int, seed: int, use_labels: bool,
+                   progress: bool = True, desc: str = "eval") -> np.ndarray:
+  """Feed k true frames, generate M more. Returns float [V, M, H, W, C] in [0, 1]."""
+  f = runner.model.frames_per_chunk
+  if context_frames <= 0 or context_frames % f:
+    raise UserError(f"eval.context_frames={context_frames} must be a positive multiple of the "
+                    f"model's frames_per_chunk={f}")
+  ctx_chunks = context_frames // f
+  gen_chunks = math.ceil(num_frames / f)
+  b = runner.batch
+  num_videos = gt.video.shape[0]
+  out = np.zeros((num_videos, gen_chunks * f, *gt.video.shape[2:4], runner.chunk_shape[-1]),
+                 np.float32)
+  bar = tqdm(total=math.ceil(num_videos / b) * (ctx_chunks + gen_chunks), desc=desc,
+             unit="chunk", disable=not progress)
+  for start in range(0, num_videos, b):
+    idx = np.arange(start, start + b) % num_videos  # the last batch is padded with repeats
+    video = gt.video[idx].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    cond = jnp.asarray(gt.labels[idx], jnp.int32) if use_labels else None
+    context = runner.embed(cond)
+    key = jax.random.key(seed + start)
+    carry = runner.init_carry()
+    for n in range(ctx_chunks):
+      carry = runner.reserve(carry, n)
+      carry = runner.feed(carry, video[:, n * f:(n + 1) * f], context)
+      bar.update(1)
+    for j in range(gen_chunks):
+      carry = runner.reserve(carry, ctx_chunks + j)
+      carry, frames = runner.generate(carry, key, context)
+      keep = min(b, num_videos - start)
+      out[start:start + keep, j * f:(j + 1) * f] = np.asarray(frames)[:keep]
+      bar.update(1)
+  bar.close()
+  return np.clip((out[:, :num_frames] + 1.0) / 2.0, 0.0, 1.0)
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def evaluate_main(config, workdir: str, *, eval_workdirs: str | None = None,
+                  checkpoint_step: int | None = None, progress: bool = True) -> dict:
+  """--mode=eval: evaluate each entry; write <workdir>/eval/{eval.json, *.png}; print a table."""
+  ecfg = config.eval
+  entries = parse_eval_workdirs(eval_workdirs, workdir)
+  k, m_frames = int(ecfg.context_frames), int(ecfg.num_frames)
+  if m_frames < 1 or int(ecfg.num_videos) < 1 or int(ecfg.batch_size) < 1:
+    raise UserError("eval.num_frames, eval.num_videos and eval.batch_size must be >= 1")
+  results: dict[str, Any] = {"entries": {}, "settings": ecfg.to_dict(),
+                             "hardware": hardware_info(), "provenance": provenance()}
+  gt = None
+  data_key = None
+  generated_samples = {}
+  with blas_threads_limit(1):
+    for entry in entries:
+      t0 = time.perf_counter()
+      model, mcfg, step = load_model(config, entry.workdir,
+                                     checkpoint_step if len(entries) == 1 else None,
+                                     model_overrides=entry.overrides)
+      key = json.dumps(mcfg.data.to_dict(), sort_keys=True, default=str)
+      if gt is None:
+        data_key = key
+        gt = load_ground_truth(mcfg, int(ecfg.num_videos), k + m_frames)
+        radius = int(ecfg.search_radius) or gt.digit_size
+        classifier = eval_metrics.digit_classifier(gt.digit_size, gt.interpolation,
+                                                   float(ecfg.ink_threshold))
+        truth = gt.frames01[:, k:]
+        top_left = gt.top_left[:, k:]
+        buckets = bucket_edges(m_frames, gt.clip_frames, ecfg.bucket_clips)
+        metric_args = dict(radius=radius, ink_threshold=float(ecfg.ink_threshold),
+                           psnr_cap=float(ecfg.psnr_cap))
+        results.update(_common(config, mcfg, gt, classifier, buckets, radius, k, m_frames))
+        results["baselines"] = {}
+        for name, frames in (("last_frame", np.repeat(gt.frames01[:, k - 1:k], m_frames, axis=1)),
+                             ("blank", np.zeros_like(truth))):
+          bm = frame_metrics(frames, truth, top_left, gt.templates, classifier, **metric_args)
+          results["baselines"][name] = summarize(bm, gt.labels, buckets)
+      elif key != data_key:
+        raise UserError(f"{entry.workdir} was trained on other data ({mcfg.data.config}); "
+                        "every --eval_workdirs entry must share the data config")
+      runner = ChunkRunner(model, config.sampler, batch=min(int(ecfg.batch_size),
+                                                            int(ecfg.num_videos)),
+                           frame_hw=gt.video.shape[2:4])
+      gen = continue_clips(runner, gt, context_frames=k, num_frames=m_frames,
+                           seed=int(ecfg.seed), use_labels=mcfg.model.cond == "labels",
+                           progress=progress, desc=entry.label)
+      stream_seconds = time.perf_counter() - t0
+      fm = frame_metrics(gen, truth, top_left, gt.templates, classifier, **metric_args)
+      generated_samples[entry.label] = gen[0]
+      results["entries"][entry.label] = {
+          "workdir": os.path.abspath(entry.workdir), "step": step,
+          "overrides": entry.overrides,
+          "model": {"hybrid_layers": list(model.hybrid_layers),
+                    "num_layers": len(model.blocks),
+                    "memory_read": mcfg.model.memory.read,
+                    "write_during_denoising": bool(mcfg.model.memory.write_during_denoising),
+                    "memory_impl": mcfg.model.memory_impl,
+                    "kv_cache": mcfg.model.kv_cache.to_dict()},
+          "compiles": {"generate": runner.compiles, "feed": len(runner.feed_traces)},
+          "seconds": stream_seconds,
+          **summarize(fm, gt.labels, buckets),
+      }
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  results["plots"] = [plot_curves(results, out_dir),
+                      plot_samples(gt, generated_samples, k, out_dir)]
+  path = os.path.join(out_dir, "eval.json")
+  with open(path, "w") as f:
+    json.dump(results, f, indent=1)
+  results["json"] = path
+  print(table(results))
+  print(f"wrote {path} and {', '.join(results['plots'])}")
+  return results
+
+
+def _common(config, mcfg, gt: GroundTruth, classifier, buckets, radius, k, m_frames) -> dict:
+  ceiling = float(np.mean(classifier.predict(eval_metrics.crops(
+      gt.frames01[:, k:, ..., 0], gt.top_left[:, k:], gt.digit_size)) == gt.labels[:, None]))
+  return {
+      "data": mcfg.data.to_dict(),
+      "sampler": config.sampler.to_dict(),
+      "context_frames": k,
+      "num_frames": m_frames,
+      "num_videos": int(gt.video.shape[0]),
+      "clip_frames": gt.clip_frames,
+      "horizon_clips": m_frames / gt.clip_frames,
+      "buckets": [list(b) for b in buckets],
+      "search_radius": radius,
+      "classifier": {"kind": "RBF SVM on max-normalised digit crops, +-1 px shift augmentation",
+                     "train_accuracy": classifier.train_accuracy,
+                     "test_accuracy": classifier.test_accuracy,
+                     "label_accuracy_on_true_frames": ceiling},
+      "method": __doc__,
+  }
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+
+def _rows(results: dict):
+  for label, e in results["baselines"].items():
+    yield f"{label} (baseline)", e
+  for label, e in results["entries"].items():
+    yield label, e
+
+
+def table(results: dict) -> str:
+  clip = results["clip_frames"]
+  head = ("model", "frames", "PSNR", "SSIM", "retention", "label acc", "pos err px", "lost")
+  rows = [head]
+  for label, e in _rows(results):
+    for bk in e["buckets"] + [{"frames": [0, results["num_frames"]], **e["overall"]}]:
+      a, b = bk["frames"]
+      span = f"{a}-{b}" + (" (all)" if (a, b) == (0, results["num_frames"]) else "")
+      rows.append((label, span, f"{bk['psnr']:.2f}", f"{bk['ssim']:.3f}",
+                   f"{bk['retention']:.3f}", f"{bk['label_accuracy']:.3f}",
+                   f"{bk['position_error']:.2f}", f"{bk['lost']:.3f}"))
+  widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+  lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
+                     enumerate(zip(r, widths))) for r in rows]
+  lines.insert(1, "-" * len(lines[0]))
+  c = results["classifier"]
+  lines.append(f"{results['num_videos']} test clips, {results['context_frames']} context frames, "
+               f"{results['num_frames']} generated frames (= {results['horizon_clips']:g}x the "
+               f"{clip}-frame training clips); digit classifier: {100 * c['test_accuracy']:.1f}% "
+               f"on the held-out digits, {100 * c['label_accuracy_on_true_frames']:.1f}% label "
+               "accuracy on the true frames")
+  return "\n".join(lines)
+
+
+def plot_curves(results: dict, out_dir: str) -> str:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  metrics = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("retention", "digit identity retention"),
+             ("label_accuracy", "label accuracy"), ("position_error", "position error (px)"),
+             ("lost", "digit lost (fraction)"))
+  fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+  clip = results["clip_frames"]
+  for ax, (key, title) in zip(axes.flat, metrics):
+    for label, e in _rows(results):
+      y = np.asarray(e["per_frame"][key])
+      x = np.arange(1, len(y) + 1)
+      base = label.endswith("(baseline)")
+      ax.plot(x, y, lw=1.2, ls=(":" if "blank" in label else "--") if base else "-",
+              color="gray" if base else None, label=label)
+    for edge in range(clip, results["num_frames"] + 1, clip):
+      ax.axvline(edge, color="k", lw=0.4, alpha=0.2)
+    ax.set(title=title, xlabel=f"generated frame (grid: {clip}-frame training clip lengths)")
+    ax.grid(alpha=0.3)
+  axes.flat[0].legend(fontsize=8)
+  fig.suptitle(f"{results['num_videos']} moving_digits test clips, {results['context_frames']} "
+               f"context frames, means over clips", fontsize=10)
+  fig.tight_layout()
+  path = os.path.join(out_dir, "eval_curves.png")
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def plot_samples(gt: GroundTruth, generated: dict[str, np.ndarray], k: int, out_dir: str) -> str:
+  """The first clip: truth and each model at a few horizons."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  m = next(iter(generated.values())).shape[0] if generated else gt.video.shape[1] - k
+  clip = gt.clip_frames
+  cols = sorted({0, clip - 1, 2 * clip - 1, 4 * clip - 1, m // 2, m - 1} & set(range(m)))
+  rows = [("truth", gt.frames01[0, k:])] + list(generated.items())
+  fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.4 * len(cols) + 1, 1.5 * len(rows)),
+                           squeeze=False)
+  for r, (label, frames) in enumerate(rows):
+    for c, j in enumerate(cols):
+      ax = axes[r, c]
+      ax.imshow(frames[j, ..., 0], cmap="gray", vmin=0, vmax=1)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if r == 0:
+        ax.set_title(f"frame {j + 1}", fontsize=8)
+      if c == 0:
+        ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+  fig.tight_layout()
+  path = os.path.join(out_dir, "eval_samples.png")
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
