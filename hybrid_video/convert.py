@@ -194,6 +194,10 @@ def load_teacher(workdir: str | None, step: int | None = None):
   if not workdir:
     raise UserError("set --config.convert.teacher_workdir=DIR: the --workdir of an all-softmax "
                     "model trained with --mode=train --config=configs/default.py:softmax")
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise CheckpointError(f"no teacher checkpoint in {os.path.abspath(workdir)}/checkpoints; "
+                          "train one with --mode=train --config=configs/default.py:softmax "
+                          f"--workdir={workdir}")
   checkpointer = ckpt_lib.Checkpointer(workdir)
   try:
     step = step if step is not None else checkpointer.latest_step()
@@ -804,8 +808,8 @@ def convert_main(config, workdir: str, *, progress: bool = True) -> dict:
     return {"table": table}
   if ccfg.stage2.mode not in STAGE2_MODES:
     raise UserError(f"convert.stage2.mode={ccfg.stage2.mode!r} must be one of {STAGE2_MODES}")
-  os.makedirs(workdir, exist_ok=True)
   saved, teacher_params, teacher_step = load_teacher(ccfg.teacher_workdir, ccfg.teacher_step)
+  os.makedirs(workdir, exist_ok=True)
   teacher_cfg = copy_config(saved.model)
   for field in BACKEND_FIELDS:
     teacher_cfg[field] = config.model[field]
