@@ -39,6 +39,8 @@ def benchmark_config() -> ml_collections.ConfigDict:
   b.sink_chunks = 1            # softmax_window: sink chunks always kept
   b.window_chunks = 7          # softmax_window: most recent chunks kept (cache = 8 chunks)
   b.repeats = 3                # timed passes over all chunks
+  b.isolated_repeats = 1       # then passes of each policy alone (0 = none): its own alpha
+  #                              without the others' growing caches in between
   b.statistic = "min"          # per-chunk time over the passes: "min" (other jobs only add
   #                              time) or "median"
   b.frame_hw = (32, 32)        # frame size fed to the model (latent size for wan1_3b)

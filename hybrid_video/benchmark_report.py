@@ -14,7 +14,8 @@ def _mib(b) -> float:
 def table(results: dict) -> str:
   """A plain-text table of the summary."""
   h = results["horizon"]["paper_horizon_chunks"]
-  rows = [("policy", "hybrid", "alpha", "r2", "alpha flops", "ms first", "ms last", f"s @{h}",
+  rows = [("policy", "hybrid", "alpha", "r2", "alpha alone", "alpha flops", "ms first",
+           "ms last", f"s @{h}",
            f"speedup @{h}", f"carry MiB @{h}", f"footprint MiB @{h}", "compiles")]
   ref = results["policies"][results["reference"]]
   for name, p in results["policies"].items():
@@ -24,8 +25,9 @@ def table(results: dict) -> str:
     ref_total = float(np.sum(ref["chunk_seconds"][:at]))
     layers = len(p["hybrid_layers"]) + len(p["softmax_layers"])
     flops_alpha = f"{p['fit_flops']['alpha']:+.3f}" if p.get("fit_flops") else "-"
+    alone_alpha = f"{p['fit_isolated']['alpha']:+.3f}" if p.get("fit_isolated") else "-"
     rows.append((name, f"{len(p['hybrid_layers'])}/{layers}",
-                 f"{p['fit']['alpha']:+.3f}", f"{p['fit']['r2']:.2f}", flops_alpha,
+                 f"{p['fit']['alpha']:+.3f}", f"{p['fit']['r2']:.2f}", alone_alpha, flops_alpha,
                  f"{1e3 * med[0]:.1f}", f"{1e3 * med[-1]:.1f}", f"{total:.2f}",
                  f"{ref_total / total:.2f}x", f"{_mib(p['carry_bytes'][at - 1]):.2f}",
                  f"{_mib(p['footprint_bytes'][at - 1]):.1f}", str(p["compiles"])))

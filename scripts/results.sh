@@ -10,9 +10,9 @@
 # WITH_BENCHMARK=1 (also run --mode=benchmark at the paper's horizon, ~5 more minutes),
 # DOCS (docs/results: where the plots and JSON are copied; empty = do not copy),
 # PYTHON (.venv/bin/python).
-# Training uses memory_impl=reference (the token-by-token gated delta rule): on CPU the chunked
-# XLA path's batched triangular solve can deadlock jaxlib's LAPACK thread pool in the backward
-# pass (see docs/results.md). OpenBLAS is kept to one thread for the same reason.
+# Training uses memory_impl=reference (the token-by-token gated delta rule), as the documented
+# run did: at the time, the chunked path's LAPACK triangular solve could deadlock on CPU in the
+# backward pass (docs/results.md); OpenBLAS is kept to one thread for the same reason.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -62,7 +62,8 @@ def test_tiny_benchmark_writes_every_field_and_readable_plots(tmp_path, capsys):
                      "chunk_seconds_median", "chunk_seconds_min", "chunk_seconds_passes",
                      "grow_seconds", "carry_bytes", "footprint_bytes",
                      "rss_bytes", "memory_analysis_by_capacity", "fit", "constant_carry",
-                     "total_seconds", "capacity_chunks", "params")
+                     "total_seconds", "capacity_chunks", "params", "fit_isolated", "fit_flops",
+                     "isolated_chunk_seconds", "flops_per_chunk")
   for name, p in saved["policies"].items():
     for key in per_policy_keys:
       assert key in p, (name, key)
