@@ -196,29 +196,10 @@ def report(path: str, stats: StreamStats, clip_frames: int | None = None):
 def sample_main(config, workdir: str, *, num_frames: int | None = None,
                 checkpoint_step: int | None = None, progress: bool = True) -> StreamStats:
   """--mode=sample: restore (EMA) parameters from the workdir and stream a video to mp4."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from hybrid_video import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from hybrid_video import train as train_lib  # pylint: disable=g-import-not-at-top
-  from hybrid_video.errors import CheckpointError  # pylint: disable=g-import-not-at-top
+  from hybrid_video.restore import load_model  # pylint: disable=g-import-not-at-top
   num_frames = check_num_frames(config.sampler.num_frames if num_frames is None else num_frames)
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  step = checkpoint_step if checkpoint_step is not None else checkpointer.latest_step()
-  if step is None:
-    raise CheckpointError(f"no checkpoint in {checkpointer.directory}; train first with "
-                          f"--mode=train --workdir={workdir}")
-  saved = checkpointer.saved_config(step)
-  config = ml_collections.ConfigDict(config.to_dict())
-  diffs = ckpt_lib.config_differences(saved, ckpt_lib.config_to_json(config))
-  if diffs:  # the checkpoint defines the model: sample with its shapes
-    config.model = ml_collections.ConfigDict(saved["model"])
-    config.data = ml_collections.ConfigDict(saved["data"])
-  abstract = jax.eval_shape(
-      lambda: train_lib.init_train_state(CausalDiT(config.model, rngs=nnx.Rngs(0)),
-                                         train_lib.make_optimizer(config.train)))
-  state, step = checkpointer.restore(abstract, step)
-  checkpointer.close()
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: CausalDiT(config.model, rngs=nnx.Rngs(0))))
-  model = nnx.merge(graphdef, state["ema"])
+  # The checkpoint's own config defines the model (shapes and ablation switches).
+  model, config, step = load_model(config, workdir, checkpoint_step)
   path = os.path.join(workdir, "samples", f"sample_step_{step:07d}_{num_frames}f.mp4")
   stats = write_video(model, config, path, num_frames=num_frames,
                       use_labels=config.model.cond == "labels", progress=progress)
