@@ -52,6 +52,7 @@ def model_config() -> ml_collections.ConfigDict:
   m.attention_impl = placeholder(str)  # local attention
   #                              back-end: None (auto), "xla", "reference", "pallas"
   m.memory_impl = placeholder(str)  # gated-delta back-end
+  m.kernel_interpret = False   # run the Pallas kernels in interpret mode (CPU tests; slow)
   m.gdn_chunk_size = 64        # sub-chunk C of the chunked WY/UT gated delta rule
   m.remat = False              # rematerialise each block in the backward pass (saves memory)
   return m

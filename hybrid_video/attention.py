@@ -47,9 +47,11 @@ class QKVProjection(nnx.Module):
 class SelfAttention(QKVProjection):
   """The softmax layer of the causal DiT."""
 
-  def __init__(self, dim, num_heads, eps, *, rngs, dtype=None, implementation=None):
+  def __init__(self, dim, num_heads, eps, *, rngs, dtype=None, implementation=None,
+               interpret: bool = False):
     super().__init__(dim, num_heads, eps, rngs=rngs, dtype=dtype)
     self.implementation = implementation
+    self.interpret = bool(interpret)  # Pallas interpret mode (CPU tests of the kernels)
 
   def teacher_forcing(self, x_clean, x_noisy, angles, num_chunks: int):
     """x_* [B, N*L, dim], angles [N*L, D/2] -> (y_clean, y_noisy), each [B, N*L, dim]."""
@@ -57,7 +59,8 @@ class SelfAttention(QKVProjection):
     qn, kn, vn = self.project(x_noisy)
     qc, kc, qn, kn = (apply_rope(a, angles) for a in (qc, kc, qn, kn))
     yc, yn = kernel_calls.teacher_forcing_attention(
-        qc, kc, vc, qn, kn, vn, num_chunks=num_chunks, implementation=self.implementation)
+        qc, kc, vc, qn, kn, vn, num_chunks=num_chunks, implementation=self.implementation,
+        interpret=self.interpret)
     return self.out(yc), self.out(yn)
 
   def step(self, x, angles, cache, cache_valid, write_slot, chunk_len: int, write: bool):
@@ -69,7 +72,8 @@ class SelfAttention(QKVProjection):
     q, k, v = self.project(x)
     q, k = apply_rope(q, angles), apply_rope(k, angles)
     y = kernel_calls.cached_chunk_attention(
-        q, k, v, cache["k"], cache["v"], cache_valid, implementation=self.implementation)
+        q, k, v, cache["k"], cache["v"], cache_valid, implementation=self.implementation,
+        interpret=self.interpret)
     if write:
       start = write_slot * chunk_len
       cache = {

@@ -73,10 +73,12 @@ class Block(nnx.Module):
           attention_impl=cfg.attention_impl, memory_impl=cfg.memory_impl,
           gdn_chunk_size=cfg.gdn_chunk_size, read=cfg.memory.read,
           write_during_denoising=cfg.memory.write_during_denoising,
-          memory_lora_rank=lora.memory_rank, memory_lora_alpha=lora.alpha)
+          memory_lora_rank=lora.memory_rank, memory_lora_alpha=lora.alpha,
+          interpret=cfg.get("kernel_interpret", False))
     else:
       self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps, rngs=rngs, dtype=dtype,
-                                     implementation=cfg.attention_impl)
+                                     implementation=cfg.attention_impl,
+                                     interpret=cfg.get("kernel_interpret", False))
     self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps, rngs=rngs, dtype=dtype)
     self.ffn = MLP(dim, cfg.mlp_dim, rngs=rngs, dtype=dtype,
                    lora_rank=lora.mlp_rank if hybrid else 0, lora_alpha=lora.alpha)

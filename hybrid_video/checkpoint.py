@@ -19,7 +19,8 @@ from hybrid_video.errors import CheckpointError
 # Config sections that fix the shapes of the saved state: they must match to resume.
 COMPATIBILITY_SECTIONS = ("model",)
 # Fields inside those sections that may change between runs (back-ends, not shapes).
-FREE_FIELDS = {"model.attention_impl", "model.memory_impl", "model.gdn_chunk_size",
+FREE_FIELDS = {"model.attention_impl", "model.memory_impl", "model.kernel_interpret",
+               "model.gdn_chunk_size",
                "model.memory.read", "model.memory.write_during_denoising", "model.remat",
                "model.kv_cache.sink_chunks", "model.kv_cache.window_chunks", "model.dtype"}
 

@@ -58,7 +58,7 @@ class HybridAttention(QKVProjection):
   def __init__(self, dim, num_heads, eps, *, rngs, dtype=None, attention_impl=None,
                memory_impl=None, gdn_chunk_size: int = 64, read: str = "block",
                write_during_denoising: bool = False, memory_lora_rank: int = 0,
-               memory_lora_alpha: float = 32.0):
+               memory_lora_alpha: float = 32.0, interpret: bool = False):
     super().__init__(dim, num_heads, eps, rngs=rngs, dtype=dtype)
     if read not in ("block", "token"):
       raise UserError(f"model.memory.read={read!r} must be 'block' or 'token'")
@@ -68,6 +68,7 @@ class HybridAttention(QKVProjection):
     self.attention_impl = attention_impl
     self.memory_impl = memory_impl
     self.gdn_chunk_size = gdn_chunk_size
+    self.interpret = bool(interpret)  # Pallas interpret mode (CPU tests of the kernels)
     eye = lambda: jnp.tile(jnp.eye(d, dtype=jnp.float32), (h, 1, 1))  # a fresh buffer each
     self.phi_q = nnx.Param(eye())
     self.phi_k = nnx.Param(eye())
@@ -140,7 +141,8 @@ class HybridAttention(QKVProjection):
     shift = lambda a: jnp.pad(a, [(0, 0), (1, 0)] + [(0, 0)] * (a.ndim - 2))[:, :-1]
     reads, _ = kernel_calls.gated_delta_rule(
         qg, shift(kg), shift(vg), shift(g), shift(beta), scale=self.head_dim ** -0.5,
-        initial_state=state, chunk_size=self.gdn_chunk_size, implementation=self.memory_impl)
+        initial_state=state, chunk_size=self.gdn_chunk_size, implementation=self.memory_impl,
+        interpret=self.interpret)
     return reads
 
   # -- forwards ----------------------------------------------------------------------------------
@@ -170,9 +172,11 @@ class HybridAttention(QKVProjection):
     c, z = self.branches(x_clean, angles), self.branches(x_noisy, angles)
     chunked = lambda a: a.reshape(b, n, l, *a.shape[2:])
     intra_c = kernel_calls.chunk_local_attention(
-        chunked(c["q"]), chunked(c["k"]), chunked(c["v"]), implementation=self.attention_impl)
+        chunked(c["q"]), chunked(c["k"]), chunked(c["v"]), implementation=self.attention_impl,
+        interpret=self.interpret)
     intra_n = kernel_calls.chunk_local_attention(
-        chunked(z["q"]), chunked(z["k"]), chunked(z["v"]), implementation=self.attention_impl)
+        chunked(z["q"]), chunked(z["k"]), chunked(z["v"]), implementation=self.attention_impl,
+        interpret=self.interpret)
     if self.write_during_denoising:
       raise UserError("model.memory.write_during_denoising has no teacher-forcing form: it is "
                       "a sampling-time ablation; train with it off")
@@ -181,7 +185,8 @@ class HybridAttention(QKVProjection):
     reads, prev_states, _ = kernel_calls.arl2_memory(
         q_read, chunked(c["kg"]), chunked(c["vg"]), chunked(g), chunked(beta),
         initial_state=None, scale=self.head_dim ** -0.5, chunk_size=self.gdn_chunk_size,
-        implementation=self.memory_impl)
+        implementation=self.memory_impl,
+        interpret=self.interpret)
     flat = lambda a: a.reshape(b, t, *a.shape[3:])
     if self.read_mode == "block":
       inter_c, inter_n = flat(reads[:, :, :l]), flat(reads[:, :, l:])
@@ -206,7 +211,8 @@ class HybridAttention(QKVProjection):
     br = self.branches(x, angles)
     one = lambda a: a[:, None]
     intra = kernel_calls.chunk_local_attention(
-        one(br["q"]), one(br["k"]), one(br["v"]), implementation=self.attention_impl)[:, 0]
+        one(br["q"]), one(br["k"]), one(br["v"]), implementation=self.attention_impl,
+        interpret=self.interpret)[:, 0]
     update = write or self.write_during_denoising
     if update or self.read_mode == "token":
       g, beta = self.write_gates(x)
@@ -216,7 +222,8 @@ class HybridAttention(QKVProjection):
       reads, _, new_state = kernel_calls.arl2_memory(
           one(br["qg"]), one(br["kg"]), one(br["vg"]), one(g), one(beta),
           initial_state=state, scale=self.head_dim ** -0.5, chunk_size=self.gdn_chunk_size,
-          implementation=self.memory_impl)
+          implementation=self.memory_impl,
+        interpret=self.interpret)
       if self.read_mode == "block":
         inter = reads[:, 0]
       state = new_state
