@@ -66,6 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.mlp_dim = 256
   m.num_layers = 4             # 50% / 75% / 100% hybrid = 2 / 3 / 4 layers
   c.sampler.cache_chunks = 1   # unbounded caches start at 1 chunk and double: one compile each
+  c.sampler.kind = "few_step"  # the paper's sampler: 4 denoising passes + 1 context pass
+  c.sampler.shift = 5.0
   c.benchmark = benchmark_config()
   variant = arg or "cpu"
   if variant == "cpu":

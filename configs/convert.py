@@ -120,6 +120,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.convert.eval.context_frames = 2
     c.convert.eval.num_frames = 8
     c.convert.sample_frames = 8
+    c.sampler.kind = "few_step"
     c.sampler.timesteps = (1000, 500)
   elif variant == "wan1_3b":
     c.convert.table_only = True
