@@ -191,6 +191,8 @@ def report(path: str, stats: StreamStats, clip_frames: int | None = None):
   print(f"video: {path}\n  {stats.num_frames} frames{longer}, {stats.num_chunks} chunks, "
         f"{stats.num_frames / max(stats.wall_seconds, 1e-9):.1f} frames/s, "
         f"carry {stats.carry_bytes[-1]} bytes, {stats.compiles} compile(s)")
+  if stats.labels:
+    print(f"  conditioned on digit label {stats.labels[0][0]} (sampler.seed picks it)")
 
 
 def sample_main(config, workdir: str, *, num_frames: int | None = None,
