@@ -98,7 +98,20 @@ GDN_CASES = {
     'weak_decay': (37, 16, WEAK_DECAY, MID_BETA, True),
     'beta_near_0': (37, 8, MODERATE_DECAY, SMALL_BETA, True),
     'beta_near_2': (37, 16, WEAK_DECAY, LARGE_BETA, True),
+    # C > 16: the blocked triangular solve (16-row diagonal blocks + matrix products).
+    'blocked_C32': (77, 32, MODERATE_DECAY, MID_BETA, True),
+    'blocked_C64_beta_near_2': (150, 64, WEAK_DECAY, LARGE_BETA, True),
 }
+
+
+@pytest.mark.parametrize('chunk_size', [8, 16, 24, 32, 64])
+def test_unit_lower_solve_matches_dense_solve(chunk_size):
+  k1, k2 = jax.random.split(jax.random.key(chunk_size))
+  a = jnp.tril(jax.random.normal(k1, (3, 2, chunk_size, chunk_size)) * 0.3, -1)
+  rhs = jax.random.normal(k2, (3, 2, chunk_size, 40))
+  expected = jnp.linalg.solve(jnp.eye(chunk_size) + a, rhs)
+  actual = chunk.unit_lower_solve(a, rhs)
+  assert float(jnp.max(jnp.abs(actual - expected)) / jnp.max(jnp.abs(expected))) <= 1e-5
 
 
 @pytest.mark.parametrize('case', list(GDN_CASES))
@@ -117,6 +130,7 @@ def test_chunk_matches_naive(case):
 
 # T = 37 only, so the three gradient programs (naive, C = 16, C = 8) compile once each.
 GRAD_CASES = [name for name, case in GDN_CASES.items() if case[0] == 37 and case[4]]
+GRAD_CASES.append('blocked_C32')  # gradients through the blocked solve
 
 
 @pytest.mark.parametrize('case', GRAD_CASES)
