@@ -65,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.num_heads = 2              # head dim 32
   m.mlp_dim = 256
   m.num_layers = 4             # 50% / 75% / 100% hybrid = 2 / 3 / 4 layers
+  m.gdn_chunk_size = 64        # the sub-chunk the documented benchmark runs used
   c.sampler.cache_chunks = 1   # unbounded caches start at 1 chunk and double: one compile each
   c.sampler.kind = "few_step"  # the paper's sampler: 4 denoising passes + 1 context pass
   c.sampler.shift = 5.0
