@@ -7,13 +7,10 @@ The whole recipe on CPU (Moving Digits: teacher, stage 1, stage 2, merge, long v
 
 which runs these three commands (any --config.* field can be added to each):
 
-  # 1. the teacher: configs/default.py:softmax, smaller, trained for 5 minutes
+  # 1. the teacher: configs/default.py:softmax, trained for at most 5 minutes
   python main.py --mode=train --config=configs/default.py:softmax --workdir=runs/recipe/teacher \
-      --config.model.dim=64 --config.model.num_heads=2 --config.model.mlp_dim=192 \
-      --config.train.batch_size=8 --config.train.learning_rate=2e-3 \
-      --config.train.warmup_steps=50 --config.train.num_steps=1500 \
-      --config.train.max_minutes=5 --config.train.ema_decay=0.99 \
-      --config.train.checkpoint_every=500 --config.train.final_sample=False
+      --config.train.num_steps=2000 --config.train.max_minutes=5 \
+      --config.train.checkpoint_every=1000 --config.train.final_sample=False
   # 2. conversion (its EMA weights): stage 1 (per-layer alignment), stage 2 (distillation +
   #    LoRA), LoRA merge and export, PSNR of teacher vs student on the test split (same noise),
   #    teacher and student videos

@@ -11,13 +11,11 @@ cd "$(dirname "$0")/.."
 RUN_DIR=${1:-runs/convert_recipe}
 shift || true
 PY=${PYTHON:-.venv/bin/python}
-# The teacher: configs/default.py:softmax, made smaller so that a few minutes of CPU teach it.
+# The teacher: configs/default.py:softmax (the main job's model with every layer softmax),
+# trained for a bounded time.
 TEACHER_FLAGS=(
-  --config.model.dim=64 --config.model.num_heads=2 --config.model.mlp_dim=192
-  --config.train.batch_size=8 --config.train.learning_rate=2e-3 --config.train.warmup_steps=50
-  --config.train.num_steps=${TEACHER_STEPS:-1500} --config.train.max_minutes=${TEACHER_MINUTES:-5}
-  --config.train.ema_decay=0.99 --config.train.checkpoint_every=500
-  --config.train.final_sample=False
+  --config.train.num_steps=${TEACHER_STEPS:-2000} --config.train.max_minutes=${TEACHER_MINUTES:-5}
+  --config.train.checkpoint_every=1000 --config.train.final_sample=False
 )
 time "$PY" main.py --mode=train --config=configs/default.py:softmax \
     --workdir="$RUN_DIR/teacher" "${TEACHER_FLAGS[@]}"
