@@ -145,8 +145,6 @@ class TestTeacherForcingAttention:
 
   def test_streaming_matches_teacher_forcing(self, mode):
     """Noisy chunk n under teacher forcing == the cached kernel over clean chunks < n."""
-    if mode['target'] == 'tpu':
-      pytest.skip('layout-independent; covered by the interpret and gpu variants')
     q_c, k_c, v_c, q_n, k_n, v_n = teacher_forcing_inputs(9)
     tf = jax.jit(functools.partial(pallas_attention.teacher_forcing_attention, num_chunks=N,
                                    block_sizes=SIZES, **mode))
