@@ -1,7 +1,7 @@
 """Converting a trained all-softmax model into an ARL2 hybrid (hybrid_video/convert.py).
 
 The whole recipe on CPU (Moving Digits: teacher, stage 1, stage 2, merge, long video; about
-15 minutes on 2 cores, every phase time-bounded):
+9 minutes on 2 cores, every phase time-bounded):
 
   bash scripts/convert_recipe.sh runs/recipe
 

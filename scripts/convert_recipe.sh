@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole ARL2 conversion recipe on CPU (Moving Digits, about 15 minutes on 2 cores):
+# The whole ARL2 conversion recipe on CPU (Moving Digits, about 9 minutes on 2 cores):
 #   1. train a small all-softmax teacher,
 #   2. convert it: stage 1 (per-layer alignment), stage 2 (distillation + LoRA), LoRA merge and
 #      export, PSNR of teacher vs student on the test split, teacher and student videos,
