@@ -48,6 +48,7 @@ def _params(state):
   return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path, data_dir):
   straight = train_lib.Trainer(smoke_config(data_dir, num_steps=3), str(tmp_path / "a"))
   straight.run(progress=False)

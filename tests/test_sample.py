@@ -35,6 +35,7 @@ def test_hybrid100_constant_carry_and_one_compile():
   assert all(s == (1, 2, HW, HW, 1) for s in shapes)
 
 
+@pytest.mark.slow
 def test_softmax_cache_grows_by_doubling_and_bounded_cache_is_constant():
   unbounded = _sampler(0.0).stream(10, jnp.array([[1]]), progress=False)
   # 5 chunks with 2 initial slots: capacities 2, 4, 8 -> three compiles, growing carry.
@@ -48,6 +49,7 @@ def test_softmax_cache_grows_by_doubling_and_bounded_cache_is_constant():
   assert len(set(bounded.carry_bytes)) == 1
 
 
+@pytest.mark.slow
 def test_bounded_cache_with_room_for_everything_equals_unbounded():
   frames = {}
   for name, (sinks, window) in {"unbounded": (0, 0), "bounded": (1, 8)}.items():
