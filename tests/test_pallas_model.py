@@ -16,6 +16,9 @@ from tests.test_model import CHUNKS, F, _inputs, _stream_outputs
 
 pytestmark = pytest.mark.slow  # Pallas interpret mode: ~30 s per test on 2 cores
 TOL = 1e-5
+# Parameter gradients are sums over every token and layer, accumulated in a different order by
+# the kernels: measured max 4.6e-6 (jax 0.10.2) and 1.8e-5 (jax 0.11.2, d/d a_log).
+GRAD_TOL = 5e-5
 MODES = [pytest.param(True, id="interpret"), pytest.param(False, id="gpu", marks=needs_gpu)]
 
 
@@ -49,7 +52,7 @@ def test_pallas_model_teacher_forcing_and_grads_equal_xla(interpret):
   assert rel_err(gxp, gxx) <= TOL, "d loss / d noisy input"
   for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(nnx.state(gp)),
                                jax.tree_util.tree_leaves_with_path(nnx.state(gx))):
-    assert rel_err(a, b) <= TOL, f"gradient of {jax.tree_util.keystr(path)}"
+    assert rel_err(a, b) <= GRAD_TOL, f"gradient of {jax.tree_util.keystr(path)}"
 
 
 @pytest.mark.parametrize("interpret", MODES)
