@@ -19,7 +19,14 @@ from tests.test_main import smoke_config
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "param_specs_tiny.json")
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+
+@pytest.fixture(autouse=True)
+def _eight_devices():
+  """The root conftest sets 8 fake CPU devices before jax is imported; fail, never skip, when a
+  run bypasses it (e.g. a preset XLA_FLAGS or a 1-GPU JAX_PLATFORMS)."""
+  assert jax.device_count() >= 8, (
+      f"sharding tests need 8 devices, found {jax.device_count()}: run on CPU with "
+      "XLA_FLAGS=--xla_force_host_platform_device_count=8 (the root conftest sets it)")
 
 
 def mesh_cfg(**sizes):
