@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hybrid_video import sharding as sharding_lib
 from hybrid_video import train as train_lib
+from hybrid_video.chunk_runner import cost_analysis_dict, memory_analysis_dict
 from hybrid_video.diffusion import sample_chunk_fn
 from hybrid_video.model import CausalDiT, count_params
 from hybrid_video.sample import video_frame_hw
@@ -35,19 +36,16 @@ def _gib(n) -> str:
 
 
 def analyse(compiled) -> dict:
-  """Per-device memory figures and the FLOP estimate of a compiled executable."""
-  out = {}
-  mem = compiled.memory_analysis()
-  if mem is not None:
-    for f in _MEMORY_FIELDS:
-      out[f] = int(getattr(mem, f, 0) or 0)
-    out["total_per_device_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
-                                     + out["temp_size_in_bytes"] - out["alias_size_in_bytes"])
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  if cost:
-    out["flops"] = float(cost.get("flops", 0.0))
+  """Per-device memory figures and the FLOP estimate of a compiled executable (the same
+  analyses as the benchmark's, `chunk_runner.memory_analysis_dict` / `cost_analysis_dict`,
+  with XLA's field names)."""
+  mem = memory_analysis_dict(compiled.memory_analysis())
+  out = {f"{k}_size_in_bytes": v for k, v in mem.items() if k != "footprint"}
+  if mem:
+    out["total_per_device_bytes"] = mem["footprint"]
+  cost = cost_analysis_dict(compiled)
+  if "flops" in cost:
+    out["flops"] = cost["flops"]
   return out
 
 

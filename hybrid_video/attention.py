@@ -55,13 +55,17 @@ class SelfAttention(QKVProjection):
 
   def teacher_forcing(self, x_clean, x_noisy, angles, num_chunks: int):
     """x_* [B, N*L, dim], angles [N*L, D/2] -> (y_clean, y_noisy), each [B, N*L, dim]."""
+    yc, yn = self.teacher_forcing_heads(x_clean, x_noisy, angles, num_chunks)
+    return self.out(yc), self.out(yn)
+
+  def teacher_forcing_heads(self, x_clean, x_noisy, angles, num_chunks: int):
+    """`teacher_forcing` before W_o: (y_clean, y_noisy) [B, N*L, H, D] (conversion targets)."""
     qc, kc, vc = self.project(x_clean)
     qn, kn, vn = self.project(x_noisy)
     qc, kc, qn, kn = (apply_rope(a, angles) for a in (qc, kc, qn, kn))
-    yc, yn = kernel_calls.teacher_forcing_attention(
+    return kernel_calls.teacher_forcing_attention(
         qc, kc, vc, qn, kn, vn, num_chunks=num_chunks, implementation=self.implementation,
         interpret=self.interpret)
-    return self.out(yc), self.out(yn)
 
   def step(self, x, angles, cache, cache_valid, write_slot, chunk_len: int, write: bool):
     """One chunk against the cache.

@@ -147,16 +147,6 @@ def abstract_model(cfg) -> CausalDiT:
     return nnx.eval_shape(lambda: CausalDiT(cfg, rngs=nnx.Rngs(0)))
 
 
-def _size(state) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
-
-
-def count_params(model: CausalDiT, stage: int | None) -> ParamCount:
-  """Total and trainable parameter counts of `model` in `stage` (None: nothing trains)."""
-  total = _size(nnx.state(model, nnx.Param))
-  return ParamCount(total, 0 if stage is None else _size(nnx.state(model, trainable_filter(stage))))
-
-
 def parameter_table(teacher_cfg, ccfg) -> list[tuple[str, ParamCount]]:
   """Counts per stage, from one abstract stage-2 student (nothing is allocated: fine at Wan
   scale). Its parameters are the teacher's, the new hybrid ones, and the LoRA factors."""
@@ -272,16 +262,6 @@ def tapped_teacher_forcing(model: CausalDiT, taps: dict[int, Callable], clean, n
       model.remat = remat
 
 
-def softmax_teacher_forcing_heads(attn, x_clean, x_noisy, angles, num_chunks: int):
-  """A softmax layer's teacher-forcing output before W_o, (y_clean, y_noisy) [B, N*L, H, D]."""
-  qc, kc, vc = attn.project(x_clean)
-  qn, kn, vn = attn.project(x_noisy)
-  qc, kc, qn, kn = (apply_rope(a, angles) for a in (qc, kc, qn, kn))
-  # kernels.local_attention.api.teacher_forcing_attention, inside shard_map under a mesh.
-  return kernel_calls.teacher_forcing_attention(
-      qc, kc, vc, qn, kn, vn, num_chunks=num_chunks, implementation=attn.implementation)
-
-
 def teacher_attention_io(teacher: CausalDiT, layers, clean, noisy, t, cond) -> dict:
   """Per layer i: the teacher's modulated self-attention inputs (x_clean, x_noisy) and its
   softmax output before W_o (y_clean, y_noisy), plus angles and num_chunks."""
@@ -289,7 +269,7 @@ def teacher_attention_io(teacher: CausalDiT, layers, clean, noisy, t, cond) -> d
 
   def tap(i):
     def fn(attn, xc, xn, angles, num_chunks):
-      yc, yn = softmax_teacher_forcing_heads(attn, xc, xn, angles, num_chunks)
+      yc, yn = attn.teacher_forcing_heads(xc, xn, angles, num_chunks)
       record[i] = {"x_clean": xc, "x_noisy": xn, "y_clean": yc, "y_noisy": yn,
                    "angles": angles, "num_chunks": num_chunks}
       return attn.out(yc), attn.out(yn)
@@ -371,15 +351,6 @@ def _mse(a, b):
   return jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))
 
 
-def noisy_inputs(x0, key, frames_per_chunk: int, scfg):
-  """x_t and per-chunk noise levels t [B, N] (the training distribution), eps."""
-  b, frames = x0.shape[:2]
-  k_t, k_eps = jax.random.split(key)
-  t = train_lib.sample_chunk_times(k_t, b, frames // frames_per_chunk, scfg)
-  eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
-  return add_noise(x0, eps, jnp.repeat(t, frames_per_chunk, axis=1)), t, eps
-
-
 def alignment_loss(student: CausalDiT, record: dict):
   """Stage 1: sum over hybrid layers of the MSE between the layer's pre-W_o output and the
   teacher's, on the teacher's inputs (clean and noisy copies weigh equally)."""
@@ -396,7 +367,7 @@ def make_alignment_loss(graphdef, teacher_graphdef, layers, scfg, frames_per_chu
     student = nnx.merge(graphdef, trainable, frozen)
     teacher = nnx.merge(teacher_graphdef, teacher_params)
     x0 = batch["video"]
-    x_t, t, _ = noisy_inputs(x0, rng, frames_per_chunk, scfg)
+    x_t, t, _ = train_lib.noisy_inputs(x0, rng, frames_per_chunk, scfg)
     record = teacher_attention_io(teacher, layers, x0, x_t, t, batch.get("labels"))
     record = {i: {k: v if k == "num_chunks" else jax.lax.stop_gradient(v) for k, v in r.items()}
               for i, r in record.items()}
@@ -410,7 +381,7 @@ def make_distill_loss(graphdef, teacher_graphdef, scfg, frames_per_chunk):
     student = nnx.merge(graphdef, trainable, frozen)
     teacher = nnx.merge(teacher_graphdef, teacher_params)
     x0, cond = batch["video"], batch.get("labels")
-    x_t, t, eps = noisy_inputs(x0, rng, frames_per_chunk, scfg)
+    x_t, t, eps = train_lib.noisy_inputs(x0, rng, frames_per_chunk, scfg)
     target = jax.lax.stop_gradient(teacher.teacher_forcing(x0, x_t, t, cond))
     pred = student.teacher_forcing(x0, x_t, t, cond)
     return _mse(pred, target), {"student_flow_loss": _mse(pred, eps - x0),
@@ -528,7 +499,7 @@ def make_diagnostics_fn(graphdef, teacher_graphdef, layers, scfg, frames_per_chu
   def fn(trainable, frozen, teacher_params, batch, rng):
     student = nnx.merge(graphdef, trainable, frozen)
     x0, cond = batch["video"], batch.get("labels")
-    x_t, t, _ = noisy_inputs(x0, rng, frames_per_chunk, scfg)
+    x_t, t, _ = train_lib.noisy_inputs(x0, rng, frames_per_chunk, scfg)
     if teacher_inputs:
       record = teacher_attention_io(nnx.merge(teacher_graphdef, teacher_params), layers, x0, x_t,
                                     t, cond)
@@ -789,7 +760,7 @@ def _teacher_forcing_check(a: CausalDiT, b: CausalDiT, batch, key, scfg) -> floa
   @nnx.jit
   def rel_err(a, b, batch):
     x0 = batch["video"]
-    x_t, t, _ = noisy_inputs(x0, key, a.frames_per_chunk, scfg)
+    x_t, t, _ = train_lib.noisy_inputs(x0, key, a.frames_per_chunk, scfg)
     ya = a.teacher_forcing(x0, x_t, t, batch.get("labels"))
     yb = b.teacher_forcing(x0, x_t, t, batch.get("labels"))
     return jnp.max(jnp.abs(ya - yb)) / jnp.maximum(jnp.max(jnp.abs(ya)), 1e-30)

@@ -141,16 +141,19 @@ def load_ground_truth(config, num_videos: int, total_frames: int) -> GroundTruth
 
 def frame_metrics(generated: np.ndarray, truth: np.ndarray, top_left: np.ndarray,
                   templates: np.ndarray, classifier, *, radius: int, ink_threshold: float,
-                  psnr_cap: float) -> dict[str, np.ndarray]:
+                  psnr_cap: float, truth_pred: np.ndarray | None = None
+                  ) -> dict[str, np.ndarray]:
   """Per-frame metrics. generated, truth [V, M, H, W, C] in [0, 1]; top_left int [V, M, n, 2]
-  (true positions); templates [V, n, s, s]. Returns psnr, ssim [V, M] and retained,
-  label_pred, truth_pred, position_error, lost [V, M, n]."""
+  (true positions); templates [V, n, s, s]; truth_pred: `truth_labels(...)` of these truth
+  frames, computed when None. Returns psnr, ssim [V, M] and retained, label_pred, truth_pred,
+  position_error, lost [V, M, n]."""
   generated = np.asarray(generated, np.float32)
   truth = np.asarray(truth, np.float32)
   size = templates.shape[-1]
-  gray_gen, gray_true = generated.mean(axis=-1), truth.mean(axis=-1)
+  gray_gen = generated.mean(axis=-1)
   pred = classifier.predict(eval_metrics.crops(gray_gen, top_left, size))
-  truth_pred = classifier.predict(eval_metrics.crops(gray_true, top_left, size))
+  if truth_pred is None:
+    truth_pred = truth_labels(truth, top_left, size, classifier)
   found, lost = eval_metrics.locate_digits(gray_gen, templates[:, None], top_left,
                                            radius=radius, ink_threshold=ink_threshold)
   error = np.linalg.norm((found - top_left).astype(np.float64), axis=-1)
@@ -164,6 +167,12 @@ def frame_metrics(generated: np.ndarray, truth: np.ndarray, top_left: np.ndarray
       "position_error": error,
       "lost": lost,
   }
+
+
+def truth_labels(truth: np.ndarray, top_left: np.ndarray, size: int, classifier) -> np.ndarray:
+  """The classifier's labels of the true digits [V, M, n] (the reference for retention)."""
+  gray = np.asarray(truth, np.float32).mean(axis=-1)
+  return classifier.predict(eval_metrics.crops(gray, top_left, size))
 
 
 def bucket_edges(num_frames: int, clip_frames: int, bucket_clips) -> list[tuple[int, int]]:
@@ -266,9 +275,11 @@ def evaluate_main(config, workdir: str, *, eval_workdirs: str | None = None,
         truth = gt.frames01[:, k:]
         top_left = gt.top_left[:, k:]
         buckets = bucket_edges(m_frames, gt.clip_frames, ecfg.bucket_clips)
+        truth_pred = truth_labels(truth, top_left, gt.digit_size, classifier)  # once for all
         metric_args = dict(radius=radius, ink_threshold=float(ecfg.ink_threshold),
-                           psnr_cap=float(ecfg.psnr_cap))
-        results.update(_common(config, mcfg, gt, classifier, buckets, radius, k, m_frames))
+                           psnr_cap=float(ecfg.psnr_cap), truth_pred=truth_pred)
+        results.update(_common(config, mcfg, gt, classifier, truth_pred, buckets, radius, k,
+                               m_frames))
         results["baselines"] = {}
         for name, frames in (("last_frame", np.repeat(gt.frames01[:, k - 1:k], m_frames, axis=1)),
                              ("blank", np.zeros_like(truth))):
@@ -312,9 +323,9 @@ def evaluate_main(config, workdir: str, *, eval_workdirs: str | None = None,
   return results
 
 
-def _common(config, mcfg, gt: GroundTruth, classifier, buckets, radius, k, m_frames) -> dict:
-  ceiling = float(np.mean(classifier.predict(eval_metrics.crops(
-      gt.frames01[:, k:, ..., 0], gt.top_left[:, k:], gt.digit_size)) == gt.labels[:, None]))
+def _common(config, mcfg, gt: GroundTruth, classifier, truth_pred, buckets, radius, k,
+            m_frames) -> dict:
+  ceiling = float(np.mean(truth_pred == gt.labels[:, None]))
   return {
       "data": mcfg.data.to_dict(),
       "sampler": config.sampler.to_dict(),

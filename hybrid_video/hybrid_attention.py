@@ -222,8 +222,7 @@ class HybridAttention(QKVProjection):
       reads, _, new_state = kernel_calls.arl2_memory(
           one(br["qg"]), one(br["kg"]), one(br["vg"]), one(g), one(beta),
           initial_state=state, scale=self.head_dim ** -0.5, chunk_size=self.gdn_chunk_size,
-          implementation=self.memory_impl,
-        interpret=self.interpret)
+          implementation=self.memory_impl, interpret=self.interpret)
       if self.read_mode == "block":
         inter = reads[:, 0]
       state = new_state

@@ -27,11 +27,6 @@ _STATE4 = (_B, _H, None, None)           # [B, H, K, V]
 _STATES5 = (_B, None, _H, None, None)    # [B, N, H, K, V]
 
 
-def _logical(x) -> tuple | None:
-  """Default logical axes by rank for the arrays these kernels take."""
-  return {1: (None,), 3: _GATES3, 4: _TOKENS4, 5: _CHUNKS5}[x.ndim]
-
-
 def _mapped(fn: Callable, array_args: Sequence, in_logical: Sequence, out_logical):
   mesh = sharding_lib.active_mesh()
   if mesh is None:

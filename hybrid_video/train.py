@@ -58,15 +58,19 @@ def sample_chunk_times(key, batch: int, num_chunks: int, tcfg) -> jax.Array:
   return jax.nn.sigmoid(z)
 
 
+def noisy_inputs(x0, key, frames_per_chunk: int, tcfg):
+  """x_t, per-chunk noise levels t [B, N] (the training distribution) and eps, for x0 [B, T, ...]."""
+  b, frames = x0.shape[:2]
+  k_t, k_eps = jax.random.split(key)
+  t = sample_chunk_times(k_t, b, frames // frames_per_chunk, tcfg)
+  eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+  return add_noise(x0, eps, jnp.repeat(t, frames_per_chunk, axis=1)), t, eps
+
+
 def flow_matching_loss(model: CausalDiT, batch, key, tcfg):
   """MSE of the velocity on the noisy half of [clean ; noisy]. batch["video"] [B, T, H, W, C]."""
   x0 = batch["video"]
-  b, frames = x0.shape[:2]
-  num_chunks = frames // model.frames_per_chunk
-  k_t, k_eps = jax.random.split(key)
-  t = sample_chunk_times(k_t, b, num_chunks, tcfg)
-  eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
-  x_t = add_noise(x0, eps, jnp.repeat(t, model.frames_per_chunk, axis=1))
+  x_t, t, eps = noisy_inputs(x0, key, model.frames_per_chunk, tcfg)
   cond = batch["cond"] if "cond" in batch else batch.get("labels")  # embeddings or labels
   pred = model.teacher_forcing(x0, x_t, t, cond)
   return jnp.mean(jnp.square(pred.astype(jnp.float32) - (eps - x0)))

@@ -152,7 +152,7 @@ def _row_substitution(a, rhs):
   def row(i, x):
     a_i = jax.lax.dynamic_index_in_dim(a, i, axis=-2, keepdims=False)       # [..., C]
     r_i = jax.lax.dynamic_index_in_dim(rhs, i, axis=-2, keepdims=False)     # [..., D]
-    x_i = r_i - jnp.einsum("...j,...jd->...d", a_i, x, precision=_HIGHEST)
+    x_i = r_i - _einsum("...j,...jd->...d", a_i, x)
     return jax.lax.dynamic_update_index_in_dim(x, x_i, i, axis=-2)
 
   return jax.lax.fori_loop(0, a.shape[-1], row, jnp.zeros_like(rhs))
