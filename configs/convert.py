@@ -54,7 +54,7 @@ def stage_config(**overrides) -> ml_collections.ConfigDict:
   s.end_lr_factor = 0.1        # cosine decay ends at learning_rate * end_lr_factor
   s.weight_decay = 0.0         # no decay: it would pull phi away from the identity
   s.grad_clip = 1.0            # global gradient-norm clip
-  s.ema_decay = 0.0            # EMA of the trainable parameters; 0 = use the last parameters
+  s.ema_decay = 0.0            # EMA of the trainable parameters, warmup as in training; 0 = off
   s.t_logit_mean = 0.0         # per-chunk noise level t = sigmoid(N(mean, std)), as in training
   s.t_logit_std = 1.0
   s.log_every = 20             # steps between metric (and diagnostics) writes

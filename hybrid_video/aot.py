@@ -78,8 +78,8 @@ def compile_main(config, workdir: str | None = None) -> dict:
   mesh = sharding_lib.make_mesh(config.mesh)
   rules = sharding_lib.rules_from_config(config.mesh)
   print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices")
-  model_cfg, seed = config.model, int(config.seed)
-  abstract_model = nnx.eval_shape(lambda: CausalDiT(model_cfg, rngs=nnx.Rngs(seed)))
+  tx = train_lib.make_optimizer(config.train)
+  abstract_model, abstract_state = train_lib.abstract_train_state(config.model, tx)
   graphdef, _ = nnx.split(abstract_model)
   print(f"parameters: {count_params(abstract_model):,}  hybrid layers: "
         f"{list(abstract_model.hybrid_layers)}")
@@ -87,9 +87,6 @@ def compile_main(config, workdir: str | None = None) -> dict:
   results = {"mesh": dict(mesh.shape), "params": count_params(abstract_model)}
 
   # Train step.
-  tx = train_lib.make_optimizer(config.train)
-  abstract_state = jax.eval_shape(
-      lambda: train_lib.init_train_state(CausalDiT(model_cfg, rngs=nnx.Rngs(seed)), tx))
   state_sh = sharding_lib.named(mesh, sharding_lib.train_state_specs(abstract_state, tx, rules,
                                                                      mesh))
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -9,7 +9,6 @@ stores the clean chunk's rotated K and V in its cache slot.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from hybrid_video import kernel_calls

@@ -1,24 +1,33 @@
-"""Chunk-level streaming driven from the host, for the benchmark and the evaluation.
+"""The per-chunk jitted functions of streaming, driven from the host.
 
-`StreamingSampler.stream` runs a whole video; the benchmark needs each chunk on its own (to
-interleave policies and time them) and the evaluation needs to feed given clean frames first.
-`ChunkRunner` holds, for one model and chunk shape, the jitted functions both use:
+`ChunkRunner` holds, for one model, sampler config and chunk shape:
 
   generate(carry, key, context) -> (carry, frames)   # the sampler's per-chunk step
                                                      # (hybrid_video.diffusion.sample_chunk_fn)
   feed(carry, frames, context) -> carry              # context pass at t = 0 on a given clean
                                                      # chunk: writes K/V and S_n (teacher forcing)
+  continue_from(frames, num_chunks, key, context)    # feed whole chunks, then generate
 
-The carry is donated to both. Unbounded softmax caches double when full, as in the sampler, so
-each capacity compiles once; `capacities(num_chunks)` lists them so callers can warm them up.
+The carry is donated to both. Unbounded softmax caches double when full (`reserve`), so each
+capacity compiles once; `capacities(num_chunks)` lists them so callers can warm them up.
+`StreamingSampler` (hybrid_video/sample.py) adds the whole-video loop; the benchmark drives
+chunks itself to interleave policies, the evaluations feed true frames first.
+
+With a mesh the parameters and carry are sharded (GDN states over heads, K/V caches over heads
+and context) and generate is jitted with explicit in/out shardings per capacity.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from hybrid_video import sharding as sharding_lib
 from hybrid_video.diffusion import sample_chunk_fn
 from hybrid_video.model import CausalDiT, Carry, grow_carry
 
@@ -26,19 +35,27 @@ from hybrid_video.model import CausalDiT, Carry, grow_carry
 class ChunkRunner:
   """Jitted per-chunk generate / feed functions for one model, sampler config and chunk shape."""
 
-  def __init__(self, model: CausalDiT, scfg, *, batch: int, frame_hw):
+  def __init__(self, model: CausalDiT, scfg, *, batch: int, frame_hw, channels: int | None = None,
+               mesh=None, rules=None):
+    """mesh/rules: shard parameters and carry and jit with explicit shardings; None runs on
+    the default device."""
     self.model = model
     self.scfg = scfg
+    self.mesh = mesh
+    self.rules = rules if rules is not None else dict(sharding_lib.DEFAULT_RULES)
     self.batch = int(batch)
     self.frame_hw = tuple(int(s) for s in frame_hw)
     model.chunk_grid(self.frame_hw)  # validates the frame size
-    self.chunk_shape = (self.batch, model.frames_per_chunk, *self.frame_hw, model.out_channels)
+    channels = model.out_channels if channels is None else channels
+    self.chunk_shape = (self.batch, model.frames_per_chunk, *self.frame_hw, channels)
     self.graphdef, self.state = nnx.split(model)
+    if mesh is not None:
+      self.state = jax.device_put(self.state, sharding_lib.named(
+          mesh, sharding_lib.param_specs(self.state, self.rules, mesh)))
     self.generate_traces: list = []
     self.feed_traces: list = []
-    self._generate = jax.jit(
-        sample_chunk_fn(self.graphdef, scfg, self.chunk_shape, self.generate_traces),
-        donate_argnums=(1,))
+    self._chunk_fn = sample_chunk_fn(self.graphdef, scfg, self.chunk_shape, self.generate_traces)
+    self._generate_jits: dict[int, Callable] = {}  # one per cache capacity
     self._feed = jax.jit(self._feed_fn, donate_argnums=(1,))
     self._embed = jax.jit(lambda state, cond: nnx.merge(self.graphdef, state).embed_condition(
         cond, self.batch))
@@ -72,9 +89,17 @@ class ChunkRunner:
       caps.append(cap)
     return caps
 
+  # -- placement ---------------------------------------------------------------------------------
+
+  def _carry_shardings(self, carry):
+    return sharding_lib.named(self.mesh, sharding_lib.carry_specs(carry, self.rules, self.mesh))
+
+  def _place(self, carry):
+    return carry if self.mesh is None else jax.device_put(carry, self._carry_shardings(carry))
+
   def init_carry(self, capacity: int | None = None) -> Carry:
     cap = self.initial_capacity() if capacity is None else capacity
-    return self.model.init_carry(self.batch, self.frame_hw, cap)
+    return self._place(self.model.init_carry(self.batch, self.frame_hw, cap))
 
   def reserve(self, carry: Carry, chunk_index: int) -> Carry:
     """The carry, grown by doubling until chunk `chunk_index` has a cache slot."""
@@ -84,26 +109,87 @@ class ChunkRunner:
     target = capacity
     while chunk_index >= target:
       target *= 2
-    return grow_carry(carry, target) if target > capacity else carry
+    return self._place(grow_carry(carry, target)) if target > capacity else carry
 
   def embed(self, cond) -> jax.Array:
     """Conditioning tokens [B, M, dim] for `cond` (labels [B, M], embeddings or None)."""
+    if self.mesh is not None and cond is not None:
+      cond = jax.device_put(cond, NamedSharding(self.mesh, P()))
     return self._embed(self.state, cond)
+
+  def prepare(self, seed: int, cond=None):
+    """(key, context) for a stream, placed on the mesh (replicated) when there is one."""
+    key = jax.random.key(seed)
+    if self.mesh is not None:
+      key = jax.device_put(key, NamedSharding(self.mesh, P()))
+    return key, self.embed(cond)
+
+  # -- the jitted steps --------------------------------------------------------------------------
+
+  def _generate_jit(self, carry) -> Callable:
+    capacity = carry["slot_chunk"].shape[0]
+    if capacity not in self._generate_jits:
+      if self.mesh is None:
+        jitted = jax.jit(self._chunk_fn, donate_argnums=(1,))
+      else:
+        carry_sh = self._carry_shardings(carry)
+        state_sh = jax.tree.map(lambda x: x.sharding, self.state)
+        frames_sh = NamedSharding(self.mesh, sharding_lib.batch_spec(
+            self.rules, self.mesh, self.chunk_shape))
+        jitted = jax.jit(self._chunk_fn, donate_argnums=(1,),
+                         in_shardings=(state_sh, carry_sh, None, None),
+                         out_shardings=(carry_sh, frames_sh))
+      self._generate_jits[capacity] = jitted
+    return self._generate_jits[capacity]
+
+  def step_fn(self, carry) -> Callable:
+    """The jitted `(state, carry, key, context) -> (carry, frames)` for this carry's capacity."""
+    jitted, mesh, rules = self._generate_jit(carry), self.mesh, self.rules
+
+    def step(state, carry, key, context):
+      with sharding_lib.activation_sharding(mesh, rules):
+        return jitted(state, carry, key, context)
+
+    return step
 
   def generate(self, carry: Carry, key, context):
     """Denoise one new chunk from noise, then write it (context pass). -> (carry, frames)."""
-    return self._generate(self.state, carry, key, context)
+    return self.step_fn(carry)(self.state, carry, key, context)
 
   def feed(self, carry: Carry, frames, context) -> Carry:
     """Write a given clean chunk frames [B, F, H, W, C] in [-1, 1] (t = 0 context pass)."""
-    return self._feed(self.state, carry, jnp.asarray(frames, jnp.float32), context)
+    with sharding_lib.activation_sharding(self.mesh, self.rules):
+      return self._feed(self.state, carry, jnp.asarray(frames, jnp.float32), context)
+
+  def continue_from(self, frames, num_chunks: int, key, context, *,
+                    on_chunk: Callable[[], None] | None = None) -> np.ndarray:
+    """Feed `frames` [B, k*F, H, W, C] in [-1, 1] (whole chunks) by context passes, then
+    generate `num_chunks` chunks with `key`. Returns float [B, num_chunks*F, H, W, C] in [-1, 1].
+    on_chunk is called after every fed or generated chunk (progress bars)."""
+    f = self.model.frames_per_chunk
+    frames = np.asarray(frames, np.float32)
+    if frames.shape[1] % f:
+      raise ValueError(f"{frames.shape[1]} context frames are not whole chunks of {f}")
+    fed = frames.shape[1] // f
+    carry, out = self.init_carry(), []
+    for n in range(fed):
+      carry = self.feed(self.reserve(carry, n), frames[:, n * f:(n + 1) * f], context)
+      if on_chunk is not None:
+        on_chunk()
+    for j in range(num_chunks):
+      carry, x0 = self.generate(self.reserve(carry, fed + j), key, context)
+      out.append(np.asarray(x0))
+      if on_chunk is not None:
+        on_chunk()
+    return np.concatenate(out, axis=1)
 
   def generate_analysis(self, carry: Carry, key, context) -> tuple[dict, dict]:
     """XLA's (memory, cost) analyses of the generate executable for this carry's shapes.
 
     Compiles on the first call for a shape; the jitted call then reuses the executable.
     """
-    compiled = self._generate.lower(self.state, carry, key, context).compile()
+    with sharding_lib.activation_sharding(self.mesh, self.rules):
+      compiled = self._generate_jit(carry).lower(self.state, carry, key, context).compile()
     return memory_analysis_dict(compiled.memory_analysis()), cost_analysis_dict(compiled)
 
 

@@ -36,25 +36,24 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx, traverse_util
 from tqdm.auto import tqdm
 
 from hybrid_video import checkpoint as ckpt_lib
 from hybrid_video import inputs as inputs_lib
-from hybrid_video import kernel_calls
+from hybrid_video import restore as restore_lib
 from hybrid_video import train as train_lib
+from hybrid_video.chunk_runner import ChunkRunner
 from hybrid_video.diffusion import add_noise, sample_chunk_fn
-from hybrid_video.embeddings import apply_rope
 from hybrid_video.errors import CheckpointError, NonFiniteLossError, UserError
 from hybrid_video.lora import LoRAParam, lora_settings, merge_into
 from hybrid_video.metrics import MetricWriter, read_jsonl
-from hybrid_video.model import CausalDiT, resolve_hybrid_layers
+from hybrid_video.model import CausalDiT, abstract_model, resolve_hybrid_layers
 
 # The parameters a hybrid layer adds to the softmax layer it replaces (method doc §3).
 NEW_PARAMS = ("phi_q", "phi_k", "phi_v", "w_a", "w_b", "w_gate", "a_log", "dt_bias")
-BACKEND_FIELDS = ("attention_impl", "memory_impl", "gdn_chunk_size")
+BACKEND_FIELDS = ("attention_impl", "memory_impl", "kernel_interpret", "gdn_chunk_size")
 STAGE2_MODES = ("teacher_forcing", "rollout")
 
 
@@ -123,30 +122,6 @@ class ParamCount:
     return 100.0 * self.trainable / max(self.total, 1)
 
 
-class _ShapeOnlyRngs:
-  """A key source for abstract construction only: one fixed key, no Rngs counter (tracing the
-  counter's updates makes nnx.eval_shape quadratic in model size: 15 s at Wan scale)."""
-
-  def __init__(self):
-    self.key = jax.random.key(0)
-
-  def __call__(self):
-    return self.key
-
-  def __getattr__(self, stream):  # rngs.params(), rngs.dropout(), ...
-    if stream.startswith("_"):
-      raise AttributeError(stream)
-    return self
-
-
-def abstract_model(cfg) -> CausalDiT:
-  """The model with ShapeDtypeStruct parameters (nothing allocated; shapes and structure only)."""
-  try:
-    return nnx.eval_shape(lambda: CausalDiT(cfg, rngs=_ShapeOnlyRngs()))
-  except (AttributeError, TypeError):  # a module that needs a real nnx.Rngs: slower, same shapes
-    return nnx.eval_shape(lambda: CausalDiT(cfg, rngs=nnx.Rngs(0)))
-
-
 def parameter_table(teacher_cfg, ccfg) -> list[tuple[str, ParamCount]]:
   """Counts per stage, from one abstract stage-2 student (nothing is allocated: fine at Wan
   scale). Its parameters are the teacher's, the new hybrid ones, and the LoRA factors."""
@@ -179,33 +154,24 @@ def format_table(rows: list[tuple[str, ParamCount]]) -> str:
 # -- teacher loading and conversion ----------------------------------------------------------------
 
 
-def load_teacher(workdir: str | None, step: int | None = None):
-  """(saved config, EMA parameters, step) of a --mode=train checkpoint."""
+def load_teacher(config) -> tuple[CausalDiT, ml_collections.ConfigDict, int]:
+  """(teacher with its EMA parameters, its model config, step) from convert.teacher_workdir.
+
+  The checkpoint's config defines the teacher; the back-end fields come from this config."""
+  ccfg = config.convert
+  workdir = ccfg.teacher_workdir
+  hint = ("train one with --mode=train --config=configs/default.py:softmax "
+          f"--workdir={workdir or 'DIR'}")
   if not workdir:
     raise UserError("set --config.convert.teacher_workdir=DIR: the --workdir of an all-softmax "
                     "model trained with --mode=train --config=configs/default.py:softmax")
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise CheckpointError(f"no teacher checkpoint in {os.path.abspath(workdir)}/checkpoints; "
-                          "train one with --mode=train --config=configs/default.py:softmax "
-                          f"--workdir={workdir}")
-  checkpointer = ckpt_lib.Checkpointer(workdir)
-  try:
-    step = step if step is not None else checkpointer.latest_step()
-    if step is None:
-      raise CheckpointError(f"no teacher checkpoint in {checkpointer.directory}; train one with "
-                            f"--mode=train --config=configs/default.py:softmax --workdir={workdir}")
-    saved = ml_collections.ConfigDict(checkpointer.saved_config(step))
-    abstract = jax.eval_shape(lambda: train_lib.init_train_state(
-        CausalDiT(saved.model, rngs=_ShapeOnlyRngs()), train_lib.make_optimizer(saved.train)))
-    state, step = checkpointer.restore(abstract, step)
-  finally:
-    checkpointer.close()
-  return saved, state["ema"], int(step)
-
-
-def build_model(cfg, params) -> CausalDiT:
-  graphdef, _ = nnx.split(abstract_model(cfg))
-  return nnx.merge(graphdef, params)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(checkpoints) or not any(d.isdigit() for d in os.listdir(checkpoints)):
+    raise CheckpointError(f"no teacher checkpoint in {os.path.abspath(checkpoints)}; {hint}")
+  backends = {f: config.model[f] for f in BACKEND_FIELDS}
+  teacher, cfg, step = restore_lib.load_model(config, workdir, ccfg.teacher_step,
+                                              model_overrides=backends)
+  return teacher, copy_config(cfg.model), step
 
 
 def convert(teacher: CausalDiT, student_cfg, seed: int = 0) -> CausalDiT:
@@ -474,20 +440,14 @@ def make_stage_step(loss_fn, tx, scfg):
   parameters are read-only inputs.
   """
   schedule = train_lib.make_schedule(scfg)
-  decay = float(scfg.ema_decay)
 
   def train_step(state, batch, rng, frozen, teacher):
     rng = jax.random.fold_in(rng, state["step"])
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], frozen, teacher, batch, rng)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-               "param_norm": optax.global_norm(params), "learning_rate": schedule(state["step"]),
-               **aux}
-    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
-            "ema": ema}, metrics
+    state, metrics = train_lib.apply_gradients(state, loss, grads, tx, schedule,
+                                               float(scfg.ema_decay))
+    return state, {**metrics, **aux}
 
   return train_step
 
@@ -679,32 +639,14 @@ def _test_clips(config, num_clips: int, num_frames: int | None):
 def continue_clips(model: CausalDiT, sampler_cfg, video, cond, context_chunks: int,
                    seeds) -> list[np.ndarray]:
   """Teacher-forced prefix, then generation: the first `context_chunks` chunks of `video` are
-  written by context passes; the rest are sampled with noise fold_in(key(seed), chunk), the
-  same for every model. Returns per seed the generated frames [B, (N - context) * F, H, W, C]."""
-  b, frames = video.shape[:2]
+  written by context passes; the rest are sampled with key(seed), the same for every model.
+  Returns per seed the generated frames [B, (N - context) * F, H, W, C]."""
   f = model.frames_per_chunk
-  num_chunks = frames // f
-  graphdef, state = nnx.split(model)
-  chunk_shape = (b, f, *video.shape[2:4], model.out_channels)
-
-  @jax.jit
-  def prefill(state, carry, x, context):
-    return nnx.merge(graphdef, state).step(x, jnp.zeros((b,), jnp.float32), context, carry,
-                                           write=True)[1]
-
-  sample = jax.jit(sample_chunk_fn(graphdef, sampler_cfg, chunk_shape))
-  context = jax.jit(lambda s, c: nnx.merge(graphdef, s).embed_condition(c, b))(state, cond)
-  prefix = model.init_carry(b, video.shape[2:4], num_chunks)
-  for n in range(context_chunks):
-    prefix = prefill(state, prefix, video[:, n * f:(n + 1) * f], context)
-  outs = []
-  for seed in seeds:
-    carry, key, out = prefix, jax.random.key(int(seed)), []
-    for _ in range(context_chunks, num_chunks):
-      carry, x0 = sample(state, carry, key, context)
-      out.append(np.asarray(x0))
-    outs.append(np.concatenate(out, axis=1))
-  return outs
+  runner = ChunkRunner(model, sampler_cfg, batch=video.shape[0], frame_hw=video.shape[2:4])
+  context = runner.embed(cond)
+  num_chunks = video.shape[1] // f
+  return [runner.continue_from(video[:, :context_chunks * f], num_chunks - context_chunks,
+                               jax.random.key(int(seed)), context) for seed in seeds]
 
 
 def psnr(a, b) -> np.ndarray:
@@ -779,12 +721,8 @@ def convert_main(config, workdir: str, *, progress: bool = True) -> dict:
     return {"table": table}
   if ccfg.stage2.mode not in STAGE2_MODES:
     raise UserError(f"convert.stage2.mode={ccfg.stage2.mode!r} must be one of {STAGE2_MODES}")
-  saved, teacher_params, teacher_step = load_teacher(ccfg.teacher_workdir, ccfg.teacher_step)
+  teacher, teacher_cfg, teacher_step = load_teacher(config)
   os.makedirs(workdir, exist_ok=True)
-  teacher_cfg = copy_config(saved.model)
-  for field in BACKEND_FIELDS:
-    teacher_cfg[field] = config.model[field]
-  teacher = build_model(teacher_cfg, teacher_params)
   s1_cfg = student_model_config(teacher_cfg, ccfg, lora=False)
   s2_cfg = student_model_config(teacher_cfg, ccfg, lora=True)
   table = format_table(parameter_table(teacher_cfg, ccfg))

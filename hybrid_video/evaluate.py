@@ -226,19 +226,11 @@ def continue_clips(runner: ChunkRunner, gt: GroundTruth, *, context_frames: int,
     idx = np.arange(start, start + b) % num_videos  # the last batch is padded with repeats
     video = gt.video[idx].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
     cond = jnp.asarray(gt.labels[idx], jnp.int32) if use_labels else None
-    context = runner.embed(cond)
-    key = jax.random.key(seed + start)
-    carry = runner.init_carry()
-    for n in range(ctx_chunks):
-      carry = runner.reserve(carry, n)
-      carry = runner.feed(carry, video[:, n * f:(n + 1) * f], context)
-      bar.update(1)
-    for j in range(gen_chunks):
-      carry = runner.reserve(carry, ctx_chunks + j)
-      carry, frames = runner.generate(carry, key, context)
-      keep = min(b, num_videos - start)
-      out[start:start + keep, j * f:(j + 1) * f] = np.asarray(frames)[:keep]
-      bar.update(1)
+    gen = runner.continue_from(video[:, :context_frames], gen_chunks,
+                               jax.random.key(seed + start), runner.embed(cond),
+                               on_chunk=lambda: bar.update(1))
+    keep = min(b, num_videos - start)
+    out[start:start + keep] = gen[:keep]
   bar.close()
   return np.clip((out[:, :num_frames] + 1.0) / 2.0, 0.0, 1.0)
 

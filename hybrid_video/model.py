@@ -257,9 +257,28 @@ def build_model(cfg, seed: int = 0) -> CausalDiT:
   return CausalDiT(cfg, rngs=nnx.Rngs(seed))
 
 
+class ShapeOnlyRngs:
+  """A key source for abstract construction only: one fixed key, no Rngs counter (tracing the
+  counter's updates makes nnx.eval_shape quadratic in model size: 15 s at Wan scale)."""
+
+  def __init__(self):
+    self.key = jax.random.key(0)
+
+  def __call__(self):
+    return self.key
+
+  def __getattr__(self, stream):  # rngs.params(), rngs.dropout(), ...
+    if stream.startswith("_"):
+      raise AttributeError(stream)
+    return self
+
+
 def abstract_model(cfg) -> CausalDiT:
-  """The model with ShapeDtypeStruct parameters: nothing is allocated."""
-  return nnx.eval_shape(lambda: CausalDiT(cfg, rngs=nnx.Rngs(0)))
+  """The model with ShapeDtypeStruct parameters (nothing allocated; shapes and structure only)."""
+  try:
+    return nnx.eval_shape(lambda: CausalDiT(cfg, rngs=ShapeOnlyRngs()))
+  except (AttributeError, TypeError):  # a module that needs a real nnx.Rngs: slower, same shapes
+    return nnx.eval_shape(lambda: CausalDiT(cfg, rngs=nnx.Rngs(0)))
 
 
 def count_params(model: CausalDiT) -> int:

@@ -82,9 +82,8 @@ def load_model(config, workdir: str, step: int | None = None, *,
     config = checkpoint_config(config, saved, model_overrides)
     # The optimizer state's structure comes from the train config the checkpoint was saved with.
     tcfg = ml_collections.ConfigDict(_deep_update(config.train.to_dict(), saved.get("train", {})))
-    model_cfg = config.model
-    abstract = jax.eval_shape(lambda: train_lib.init_train_state(
-        CausalDiT(model_cfg, rngs=nnx.Rngs(0)), train_lib.make_optimizer(tcfg)))
+    abstract_model, abstract = train_lib.abstract_train_state(config.model,
+                                                              train_lib.make_optimizer(tcfg))
     # Plain single-device arrays, as a freshly built model has: restored with the training
     # mesh's sharding, the jitted steps' outputs would differ in sharding from a fresh carry and
     # retrace once. Callers that shard (the sampler's mesh) place the parameters themselves.
@@ -94,7 +93,7 @@ def load_model(config, workdir: str, step: int | None = None, *,
     state, step = checkpointer.restore(abstract, step)
   finally:
     checkpointer.close()
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: CausalDiT(model_cfg, rngs=nnx.Rngs(0))))
+  graphdef, _ = nnx.split(abstract_model)
   model = nnx.merge(graphdef, state["ema" if ema else "params"])
   return model, config, int(step)
 

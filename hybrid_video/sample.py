@@ -7,8 +7,6 @@ Softmax layers with an unbounded cache grow it by doubling (one compile per doub
 
 from __future__ import annotations
 
-from hybrid_video.errors import UserError
-
 import math
 import os
 import time
@@ -18,14 +16,11 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
-from jax.sharding import NamedSharding
-
-from hybrid_video import sharding as sharding_lib
-from hybrid_video.diffusion import sample_chunk_fn
-from hybrid_video.model import CausalDiT, carry_bytes, grow_carry
+from hybrid_video.chunk_runner import ChunkRunner
+from hybrid_video.errors import UserError
+from hybrid_video.model import CausalDiT, carry_bytes
 
 
 @dataclass
@@ -45,77 +40,9 @@ def check_num_frames(num_frames) -> int:
   return int(num_frames)
 
 
-class StreamingSampler:
-  """Holds the compiled per-chunk step for one model, sampler config and chunk shape."""
-
-  def __init__(self, model: CausalDiT, scfg, *, batch: int, frame_hw, channels: int | None = None,
-               mesh=None, rules=None):
-    """mesh/rules: shard parameters and carry (GDN states over heads, K/V caches over heads and
-    context) and jit with explicit in/out shardings; None runs on the default device."""
-    self.model = model
-    self.mesh = mesh
-    self.rules = rules if rules is not None else dict(sharding_lib.DEFAULT_RULES)
-    self.scfg = scfg
-    self.batch = int(batch)
-    self.frame_hw = tuple(int(s) for s in frame_hw)
-    model.chunk_grid(self.frame_hw)  # validates the frame size
-    channels = model.out_channels if channels is None else channels
-    self.chunk_shape = (self.batch, model.frames_per_chunk, *self.frame_hw, channels)
-    self.graphdef, self.state = nnx.split(model)
-    self._traces: list = []
-    self._chunk_fn = sample_chunk_fn(self.graphdef, scfg, self.chunk_shape, self._traces)
-    self._steps: dict[int, Callable] = {}  # one jitted step per cache capacity
-    self._embed = jax.jit(lambda state, cond: nnx.merge(self.graphdef, state).embed_condition(
-        cond, self.batch))
-    if mesh is not None:
-      self.state = jax.device_put(self.state, sharding_lib.named(
-          mesh, sharding_lib.param_specs(self.state, self.rules, mesh)))
-
-  @property
-  def compiles(self) -> int:
-    return len(self._traces)
-
-  def prepare(self, seed: int, cond=None):
-    """(key, context) for `stream`, placed on the mesh (replicated) when there is one."""
-    key = jax.random.key(seed)
-    if self.mesh is not None:
-      replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-      key = jax.device_put(key, replicated)
-      cond = None if cond is None else jax.device_put(cond, replicated)
-    return key, self._embed(self.state, cond)
-
-  def init_carry(self):
-    return self._place(self.model.init_carry(self.batch, self.frame_hw,
-                                             int(self.scfg.cache_chunks)))
-
-  def _carry_shardings(self, carry):
-    return sharding_lib.named(self.mesh, sharding_lib.carry_specs(carry, self.rules, self.mesh))
-
-  def _place(self, carry):
-    return carry if self.mesh is None else jax.device_put(carry, self._carry_shardings(carry))
-
-  def step_fn(self, carry) -> Callable:
-    """The jitted `(state, carry, key, context) -> (carry, frames)` for this carry's capacity."""
-    capacity = carry["slot_chunk"].shape[0]
-    if capacity not in self._steps:
-      if self.mesh is None:
-        jitted = jax.jit(self._chunk_fn, donate_argnums=(1,))
-      else:
-        carry_sh = self._carry_shardings(carry)
-        state_sh = jax.tree.map(lambda x: x.sharding, self.state)
-        frames_sh = NamedSharding(self.mesh, sharding_lib.batch_spec(
-            self.rules, self.mesh, self.chunk_shape))
-        jitted = jax.jit(self._chunk_fn, donate_argnums=(1,),
-                         in_shardings=(state_sh, carry_sh, None, None),
-                         out_shardings=(carry_sh, frames_sh))
-      mesh, rules = self.mesh, self.rules
-
-      def step(state, carry, key, context, _jitted=jitted):
-        with sharding_lib.activation_sharding(mesh, rules):
-          return _jitted(state, carry, key, context)
-
-      self._steps[capacity] = step
-    return self._steps[capacity]
+class StreamingSampler(ChunkRunner):
+  """A ChunkRunner that streams whole videos: the compiled per-chunk step for one model,
+  sampler config and chunk shape (mesh/rules: see ChunkRunner)."""
 
   def stream(self, num_frames: int, cond=None, *, seed: int = 0,
              on_frames: Callable[[np.ndarray], None] | None = None,
@@ -130,11 +57,9 @@ class StreamingSampler:
     start = time.perf_counter()
     bar = tqdm(total=num_frames, unit="frame", disable=not progress, desc="sampling")
     for n in range(num_chunks):
-      capacity = carry["slot_chunk"].shape[0]
-      if self.model.softmax_layers and not self.model.bounded_cache and n >= capacity:
-        carry = self._place(grow_carry(carry, 2 * capacity))
+      carry = self.reserve(carry, n)
       t0 = time.perf_counter()
-      carry, frames = self.step_fn(carry)(self.state, carry, key, context)
+      carry, frames = self.generate(carry, key, context)
       frames = np.asarray(frames)[:, :num_frames - n * f]  # blocks until the chunk is done
       stats.chunk_seconds.append(time.perf_counter() - t0)
       stats.carry_bytes.append(carry_bytes(carry))

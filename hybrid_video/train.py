@@ -16,7 +16,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 from flax import nnx
@@ -30,7 +29,7 @@ from hybrid_video import sharding as sharding_lib
 from hybrid_video.diffusion import add_noise
 from hybrid_video.errors import NonFiniteLossError, UserError
 from hybrid_video.metrics import MetricWriter
-from hybrid_video.model import CausalDiT
+from hybrid_video.model import CausalDiT, ShapeOnlyRngs, abstract_model
 
 TrainState = dict[str, Any]
 
@@ -86,6 +85,35 @@ def init_train_state(model: CausalDiT, tx: optax.GradientTransformation) -> Trai
   }
 
 
+def abstract_train_state(model_cfg, tx: optax.GradientTransformation):
+  """(abstract model, abstract TrainState): ShapeDtypeStructs only, nothing allocated. The
+  model gives the graphdef (`nnx.split`); the state gives shardings and restore targets."""
+  state = jax.eval_shape(lambda: init_train_state(CausalDiT(model_cfg, rngs=ShapeOnlyRngs()), tx))
+  return abstract_model(model_cfg), state
+
+
+def apply_gradients(state: TrainState, loss, grads, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, ema_decay: float) -> tuple[TrainState, dict]:
+  """One optimizer update and the parameters' EMA: (new state, metrics).
+
+  state = {"step", "params", "opt_state", "ema"}, with params whatever tree is trained (the
+  whole model here, the new parameters in conversion stages)."""
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  # EMA warmup: early on the average follows the parameters instead of the random init.
+  step = state["step"].astype(jnp.float32)
+  d = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+  ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], params)
+  metrics = {
+      "loss": loss,
+      "grad_norm": optax.global_norm(grads),
+      "param_norm": optax.global_norm(params),
+      "learning_rate": schedule(state["step"]),
+  }
+  new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema}
+  return new_state, metrics
+
+
 def make_train_step(graphdef, tx, tcfg, loss_fn: Callable = flow_matching_loss):
   """Pure `train_step(state, batch, rng) -> (state, metrics)`."""
   schedule = make_schedule(tcfg)
@@ -97,20 +125,7 @@ def make_train_step(graphdef, tx, tcfg, loss_fn: Callable = flow_matching_loss):
       return loss_fn(nnx.merge(graphdef, params), batch, rng, tcfg)
 
     loss, grads = jax.value_and_grad(loss_of)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    # EMA warmup: early on the average follows the parameters instead of the random init.
-    step = state["step"].astype(jnp.float32)
-    d = jnp.minimum(tcfg.ema_decay, (1.0 + step) / (10.0 + step))
-    ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], params)
-    metrics = {
-        "loss": loss,
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
-        "learning_rate": schedule(state["step"]),
-    }
-    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema}
-    return new_state, metrics
+    return apply_gradients(state, loss, grads, tx, schedule, tcfg.ema_decay)
 
   return train_step
 
@@ -139,10 +154,9 @@ class Trainer:
     def init():
       return init_train_state(CausalDiT(model_cfg, rngs=nnx.Rngs(seed)), self.tx)
 
-    abstract_model = nnx.eval_shape(lambda: CausalDiT(model_cfg, rngs=nnx.Rngs(seed)))
-    self.data.check_model(abstract_model)
-    self.graphdef, _ = nnx.split(abstract_model)
-    abstract_state = jax.eval_shape(init)
+    abstract, abstract_state = abstract_train_state(model_cfg, self.tx)
+    self.data.check_model(abstract)
+    self.graphdef, _ = nnx.split(abstract)
     self.state_specs = sharding_lib.train_state_specs(abstract_state, self.tx, self.rules,
                                                       self.mesh)
     self.state_shardings = sharding_lib.named(self.mesh, self.state_specs)

@@ -11,7 +11,7 @@ from flax import nnx
 
 from hybrid_video import sharding as sharding_lib
 from hybrid_video import train as train_lib
-from hybrid_video.checkpoint import Checkpointer, abstract_like
+from hybrid_video.checkpoint import abstract_like
 from hybrid_video.model import CausalDiT
 from hybrid_video.sample import StreamingSampler
 from tests.helpers import open_memory_gates, perturbed, rel_err, tiny_model_config
