@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hybrid_video import sharding as sharding_lib
 from hybrid_video.diffusion import sample_chunk_fn
+from hybrid_video.flop_count import matmul_flops
 from hybrid_video.model import CausalDiT, Carry, grow_carry
 
 
@@ -184,13 +185,18 @@ class ChunkRunner:
     return np.concatenate(out, axis=1)
 
   def generate_analysis(self, carry: Carry, key, context) -> tuple[dict, dict]:
-    """XLA's (memory, cost) analyses of the generate executable for this carry's shapes.
+    """(memory, cost) of the generate executable for this carry's shapes: XLA's memory and
+    cost analyses, plus `matmul_flops` counted from the traced step with every loop trip
+    (hybrid_video/flop_count.py; XLA's `flops` counts a loop body once).
 
-    Compiles on the first call for a shape; the jitted call then reuses the executable.
+    Traces and compiles on the first call for a shape; the jitted call reuses both.
     """
     with sharding_lib.activation_sharding(self.mesh, self.rules):
-      compiled = self._generate_jit(carry).lower(self.state, carry, key, context).compile()
-    return memory_analysis_dict(compiled.memory_analysis()), cost_analysis_dict(compiled)
+      traced = self._generate_jit(carry).trace(self.state, carry, key, context)
+      compiled = traced.lower().compile()
+    cost = cost_analysis_dict(compiled)
+    cost["matmul_flops"] = matmul_flops(traced.jaxpr)
+    return memory_analysis_dict(compiled.memory_analysis()), cost
 
 
 def cost_analysis_dict(compiled) -> dict[str, float]:

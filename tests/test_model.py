@@ -60,6 +60,21 @@ def test_streaming_equals_teacher_forcing(ratio):
   assert float(jnp.max(jnp.abs(tf))) > 1e-2  # the comparison is not between zeros
 
 
+def test_streaming_equals_teacher_forcing_with_a_blocked_cache_sweep(monkeypatch):
+  """The XLA cached attention sweeps caches longer than CACHE_KEY_BLOCK keys in blocks (online
+  softmax); with a small block every chunk n >= 1 of the softmax layers takes that path."""
+  from kernels.local_attention import xla as attention_xla
+  monkeypatch.setattr(attention_xla, "CACHE_KEY_BLOCK", 48)  # not a divisor of the cache
+  model = tiny_model(0.5)
+  clean, noisy, t, labels = _inputs()
+  tf = model.teacher_forcing(clean, noisy, t, labels)
+  stream, _ = _stream_outputs(model, clean, noisy, t, labels)
+  tokens_per_chunk = int(np.prod(model.chunk_grid((HW, HW))))
+  # The cache holds CHUNKS * 32 = 128 keys: three blocks of 48, the last shifted back.
+  assert tokens_per_chunk * CHUNKS > 48 and (tokens_per_chunk * CHUNKS) % 48
+  assert rel_err(stream, tf) <= TOL
+
+
 def test_streaming_equals_teacher_forcing_single_frame_chunks_unconditional():
   model = CausalDiT(tiny_model_config(0.5, frames_per_chunk=1, cond="none"), rngs=nnx.Rngs(3))
   from tests.helpers import open_memory_gates, perturbed

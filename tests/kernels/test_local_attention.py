@@ -85,23 +85,46 @@ def cache_mask(seed, batched):
   return valid
 
 
+# Cache key blocks of the XLA cached attention: the default (one block: M <= 2048), blocks
+# that divide M = 10, and blocks that do not (the last block is shifted back and masked).
+KEY_BLOCKS = [xla.CACHE_KEY_BLOCK, 5, 3, 1]
+
+
+@pytest.mark.parametrize('key_block', KEY_BLOCKS)
 @pytest.mark.parametrize('batched_mask', [True, False])
-def test_cached_chunk_attention_matches_reference(batched_mask):
+def test_cached_chunk_attention_matches_reference(batched_mask, key_block):
   args = normals(2, *[(B, L, H, D)] * 3, *[(B, M, H, D)] * 2)
   valid = cache_mask(3, batched_mask)
 
-  def with_mask(fn):
-    return lambda *a: fn(*a, valid)
+  def with_mask(fn, **kw):
+    return lambda *a: fn(*a, valid, **kw)
 
   assert_values_and_grads_match(
-      with_mask(xla.cached_chunk_attention),
+      with_mask(xla.cached_chunk_attention, key_block=key_block),
       with_mask(reference.cached_chunk_attention_reference), args)
 
 
-def test_cached_chunk_attention_ignores_invalid_slots():
+def test_blocked_cached_attention_temporaries_do_not_grow_with_the_cache():
+  """The blocked path's compiled temporaries stay flat from 8x to 64x the key block; the
+  one-block path's logits grow with the cache."""
+  def temp_bytes(cache_len, key_block):
+    args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in [(1, 64, 2, 8)] * 3
+            + [(1, cache_len, 2, 8)] * 2] + [jax.ShapeDtypeStruct((cache_len,), jnp.bool_)]
+    fn = jax.jit(functools.partial(xla.cached_chunk_attention, key_block=key_block))
+    return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+  blocked = [temp_bytes(n, 256) for n in (2048, 16384)]
+  dense = [temp_bytes(n, 16384) for n in (2048, 16384)]
+  assert blocked[1] <= 1.25 * blocked[0], blocked
+  assert dense[1] >= 4 * dense[0], dense
+  assert blocked[1] * 4 <= dense[1], (blocked, dense)
+
+
+@pytest.mark.parametrize('key_block', KEY_BLOCKS)
+def test_cached_chunk_attention_ignores_invalid_slots(key_block):
   q, k, v, k_cache, v_cache = normals(4, *[(B, L, H, D)] * 3, *[(B, M, H, D)] * 2)
   valid = cache_mask(5, batched=True)
-  fn = jax.jit(xla.cached_chunk_attention)
+  fn = jax.jit(functools.partial(xla.cached_chunk_attention, key_block=key_block))
   out = fn(q, k, v, k_cache, v_cache, valid)
   garbage = np.where(valid[..., None, None], 0.0, 1e3).astype(np.float32)
   out_garbage = fn(q, k, v, k_cache + garbage, v_cache - garbage, valid)
