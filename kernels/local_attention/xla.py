@@ -87,8 +87,8 @@ def cached_chunk_attention(q, k, v, k_cache, v_cache, cache_valid, *, scale=None
   A cache of at most `key_block` keys is scored at once. A longer one is swept in blocks of
   `key_block` keys with an online softmax (running max, denominator and weighted values; the
   flash-attention recurrence in plain XLA), so memory does not grow with the video: the
-  temporaries are O(L x key_block), not O(L x M). The block body is rematerialised, so
-  gradients do not store every block's probabilities either.
+  temporaries are O(L x key_block), not O(L x M). Blocks without a valid slot are skipped. The
+  block body is rematerialised, so gradients do not store every block's probabilities either.
 
   Args:
     q, k, v: [B, L, H, D].
@@ -118,23 +118,29 @@ def cached_chunk_attention(q, k, v, k_cache, v_cache, cache_valid, *, scale=None
   num_blocks = -(-cache_len // key_block)
   valid = jnp.broadcast_to(cache_valid, (q.shape[0], cache_len))
 
-  @jax.checkpoint
-  def block(state, i):
+  def update(state, start, mask):
     m, l, acc = state
-    # The last block is shifted back to end at the cache's end (no padding copy of the cache);
-    # keys an earlier block already scored are masked out.
-    start = jnp.minimum(i * key_block, cache_len - key_block)
     k_blk = jax.lax.dynamic_slice_in_dim(k_cache, start, key_block, axis=1)
     v_blk = jax.lax.dynamic_slice_in_dim(v_cache, start, key_block, axis=1)
-    pos = start + jnp.arange(key_block)
-    mask = jax.lax.dynamic_slice_in_dim(valid, start, key_block, axis=1) & (pos >= i * key_block)
     s = _logits(q, k_blk, scale, mask[:, None, None, :])  # [B, H, L, block]
     m_new = jax.lax.stop_gradient(jnp.maximum(m, s.max(axis=-1)))
     alpha = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new[..., None])
     l = alpha * l + p.sum(axis=-1)
     acc = jnp.swapaxes(alpha, -1, -2)[..., None] * acc + _weighted_values(p, v_blk)
-    return (m_new, l, acc), None
+    return m_new, l, acc
+
+  @jax.checkpoint
+  def block(state, i):
+    # The last block is shifted back to end at the cache's end (no padding copy of the cache);
+    # keys an earlier block already scored are masked out. A block with no valid key (the
+    # unfilled part of a cache that grows by doubling) is skipped: the work follows the
+    # history, not the capacity.
+    start = jnp.minimum(i * key_block, cache_len - key_block)
+    pos = start + jnp.arange(key_block)
+    mask = jax.lax.dynamic_slice_in_dim(valid, start, key_block, axis=1) & (pos >= i * key_block)
+    state = jax.lax.cond(jnp.any(mask), lambda st: update(st, start, mask), lambda st: st, state)
+    return state, None
 
   (_, l, acc), _ = jax.lax.scan(block, init, jnp.arange(num_blocks))
   return (acc / jnp.swapaxes(l, -1, -2)[..., None]).astype(q.dtype)
