@@ -28,10 +28,10 @@ _STATES5 = (_B, None, _H, None, None)    # [B, N, H, K, V]
 
 
 def _mapped(fn: Callable, array_args: Sequence, in_logical: Sequence, out_logical):
-  mesh = sharding_lib.active_mesh()
-  if mesh is None:
+  active = sharding_lib.active()
+  if active is None:
     return fn(*array_args)
-  _, rules = sharding_lib._ACTIVE.get()  # pylint: disable=protected-access
+  mesh, rules = active
   spec = lambda logical, x: sharding_lib.logical_to_spec(logical, rules, mesh, x.shape)
   in_specs = tuple(spec(l, x) for l, x in zip(in_logical, array_args))
   out_shapes = jax.eval_shape(fn, *array_args)

@@ -217,9 +217,9 @@ def activation_sharding(mesh: Mesh | None, rules: dict | None = None):
     _ACTIVE.reset(token)
 
 
-def active_mesh() -> Mesh | None:
-  active = _ACTIVE.get()
-  return None if active is None else active[0]
+def active() -> tuple[Mesh, dict] | None:
+  """(mesh, rules) inside `activation_sharding(mesh, ...)`; None outside or with mesh None."""
+  return _ACTIVE.get()
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
