@@ -93,6 +93,8 @@ def wan1_3b_model() -> ml_collections.ConfigDict:
 
 
 def wan1_3b_sampler(s: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  s.kind = "few_step"          # the paper's Wan model is step-distilled: 4 passes + context
+  s.shift = 5.0
   s.clip_x0 = False            # latents are not bounded
   return s
 
