@@ -36,8 +36,7 @@ from hybrid_video.model import CausalDiT, Carry, grow_carry
 class ChunkRunner:
   """Jitted per-chunk generate / feed functions for one model, sampler config and chunk shape."""
 
-  def __init__(self, model: CausalDiT, scfg, *, batch: int, frame_hw, channels: int | None = None,
-               mesh=None, rules=None):
+  def __init__(self, model: CausalDiT, scfg, *, batch: int, frame_hw, mesh=None, rules=None):
     """mesh/rules: shard parameters and carry and jit with explicit shardings; None runs on
     the default device."""
     self.model = model
@@ -47,8 +46,7 @@ class ChunkRunner:
     self.batch = int(batch)
     self.frame_hw = tuple(int(s) for s in frame_hw)
     model.chunk_grid(self.frame_hw)  # validates the frame size
-    channels = model.out_channels if channels is None else channels
-    self.chunk_shape = (self.batch, model.frames_per_chunk, *self.frame_hw, channels)
+    self.chunk_shape = (self.batch, model.frames_per_chunk, *self.frame_hw, model.out_channels)
     self.graphdef, self.state = nnx.split(model)
     if mesh is not None:
       self.state = jax.device_put(self.state, sharding_lib.named(
@@ -57,6 +55,7 @@ class ChunkRunner:
     self.feed_traces: list = []
     self._chunk_fn = sample_chunk_fn(self.graphdef, scfg, self.chunk_shape, self.generate_traces)
     self._generate_jits: dict[int, Callable] = {}  # one per cache capacity
+    self._steps: dict[int, Callable] = {}          # the same, under the activation sharding
     self._feed = jax.jit(self._feed_fn, donate_argnums=(1,))
     self._embed = jax.jit(lambda state, cond: nnx.merge(self.graphdef, state).embed_condition(
         cond, self.batch))
@@ -144,14 +143,18 @@ class ChunkRunner:
     return self._generate_jits[capacity]
 
   def step_fn(self, carry) -> Callable:
-    """The jitted `(state, carry, key, context) -> (carry, frames)` for this carry's capacity."""
-    jitted, mesh, rules = self._generate_jit(carry), self.mesh, self.rules
+    """The jitted `(state, carry, key, context) -> (carry, frames)` for this carry's capacity
+    (built once per capacity: this is the per-chunk hot path)."""
+    capacity = carry["slot_chunk"].shape[0]
+    if capacity not in self._steps:
+      jitted, mesh, rules = self._generate_jit(carry), self.mesh, self.rules
 
-    def step(state, carry, key, context):
-      with sharding_lib.activation_sharding(mesh, rules):
-        return jitted(state, carry, key, context)
+      def step(state, carry, key, context):
+        with sharding_lib.activation_sharding(mesh, rules):
+          return jitted(state, carry, key, context)
 
-    return step
+      self._steps[capacity] = step
+    return self._steps[capacity]
 
   def generate(self, carry: Carry, key, context):
     """Denoise one new chunk from noise, then write it (context pass). -> (carry, frames)."""

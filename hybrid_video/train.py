@@ -29,7 +29,7 @@ from hybrid_video import sharding as sharding_lib
 from hybrid_video.diffusion import add_noise
 from hybrid_video.errors import NonFiniteLossError, UserError
 from hybrid_video.metrics import MetricWriter
-from hybrid_video.model import CausalDiT, ShapeOnlyRngs, abstract_model
+from hybrid_video.model import CausalDiT, ShapeOnlyRngs
 
 TrainState = dict[str, Any]
 
@@ -86,10 +86,13 @@ def init_train_state(model: CausalDiT, tx: optax.GradientTransformation) -> Trai
 
 
 def abstract_train_state(model_cfg, tx: optax.GradientTransformation):
-  """(abstract model, abstract TrainState): ShapeDtypeStructs only, nothing allocated. The
-  model gives the graphdef (`nnx.split`); the state gives shardings and restore targets."""
-  state = jax.eval_shape(lambda: init_train_state(CausalDiT(model_cfg, rngs=ShapeOnlyRngs()), tx))
-  return abstract_model(model_cfg), state
+  """(abstract model, abstract TrainState) from one trace: ShapeDtypeStructs only, nothing
+  allocated. The model gives the graphdef (`nnx.split`); the state gives shardings and
+  restore targets."""
+  def build():
+    model = CausalDiT(model_cfg, rngs=ShapeOnlyRngs())
+    return model, init_train_state(model, tx)
+  return nnx.eval_shape(build)
 
 
 def apply_gradients(state: TrainState, loss, grads, tx: optax.GradientTransformation,
