@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.gated_delta import chunk as gdn_chunk
+from kernels.gated_delta import xla as gdn_xla
 from kernels.gated_delta import pallas_gated_delta
 from kernels.gated_delta import reference as gdn_reference
 from kernels.local_attention import pallas_attention
@@ -185,7 +185,7 @@ def bench_gdn(bench, dtype, pallas_kw, lens, with_scan, scan_repeats):
                 jax.jit(lambda q, k, v, g, b, h: pallas_gated_delta.arl2_memory(
                     q, k, v, g, b, initial_state=h, chunk_size=GDN_CHUNK, **pallas_kw)), args)
     xla_row = bench.run('arl2_memory fwd', 'xla chunked', label, flops,
-                        jax.jit(lambda q, k, v, g, b, h: gdn_chunk.chunk_arl2_memory(
+                        jax.jit(lambda q, k, v, g, b, h: gdn_xla.chunk_arl2_memory(
                             q, k, v, g, b, initial_state=h, chunk_size=GDN_CHUNK)), args)
     if with_scan and chunk_len == lens[-1]:
       scan_row = bench.run('arl2_memory fwd', 'scan oracle (reference)', label, flops,
@@ -206,7 +206,7 @@ def bench_gdn(bench, dtype, pallas_kw, lens, with_scan, scan_repeats):
               jax.jit(lambda q, k, v, g, b, h: pallas_gated_delta.gated_delta_rule(
                   q, k, v, g, b, initial_state=h, chunk_size=GDN_CHUNK, **pallas_kw)), args)
   xla_row = bench.run('gated_delta_rule fwd', 'xla chunked', label, flops,
-                      jax.jit(lambda q, k, v, g, b, h: gdn_chunk.chunk_gated_delta_rule(
+                      jax.jit(lambda q, k, v, g, b, h: gdn_xla.chunk_gated_delta_rule(
                           q, k, v, g, b, initial_state=h, chunk_size=GDN_CHUNK)), args)
   if with_scan:
     scan_row = bench.run('gated_delta_rule fwd', 'scan oracle (reference)', label, flops,

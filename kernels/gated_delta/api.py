@@ -11,70 +11,65 @@ autoregressive chunks, L tokens written per chunk, R reading tokens per chunk.
 - "pallas": the chunked WY kernels (`pallas_gated_delta.py`), compiled for GPU (Pallas Triton)
   or TPU (Mosaic). On any other backend it needs `interpret=True` (Pallas interpret mode:
   slow, for tests) and raises a ValueError otherwise. The GPU kernel needs chunk_size to be a
-  power of two >= 16 and raises otherwise.
-- "xla": chunkwise jnp (`chunk.py`), runs everywhere.
+  power of two >= 16 and raises otherwise. The TPU kernel holds a whole (batch, head)
+  sequence in VMEM and raises above `GatedDeltaBlockSizes.max_tokens` held tokens (written
+  tokens plus reading queries, `pallas_gated_delta.held_tokens`).
+- "xla": chunkwise jnp (`xla.py`), runs everywhere.
 - "reference": the token-by-token scan (`reference.py`), the oracle.
-- None: "pallas" on GPU and TPU when chunk_size suits the kernel, else "xla"; with
-  `interpret=True`, "pallas" in interpret mode everywhere (a request to test the kernel is
-  never silently answered by XLA).
+- None: "pallas" on GPU and TPU when chunk_size suits the kernel and, on TPU, the sequence
+  is within max_tokens (long teacher-forcing sequences run the XLA chunked path), else "xla";
+  with `interpret=True`, "pallas" in interpret mode everywhere (a request to test the kernel
+  is never silently answered by XLA).
 
 `interpret` only affects "pallas" (and None); "xla" and "reference" ignore it. `block_sizes`
-(a `GatedDeltaBlockSizes`) only affects "pallas"; None uses `block_sizes.get_block_sizes`.
+(a `GatedDeltaBlockSizes`; None uses `block_sizes.get_block_sizes`) only affects "pallas" and,
+through `max_tokens`, None's choice on TPU.
 """
 
-import jax
+from __future__ import annotations
 
+from kernels import common
 from kernels.gated_delta import block_sizes as block_sizes_lib
-from kernels.gated_delta import chunk
 from kernels.gated_delta import pallas_gated_delta
 from kernels.gated_delta import reference
-
-IMPLEMENTATIONS = ('xla', 'reference', 'pallas')
-PALLAS_PLATFORMS = ('gpu', 'tpu')
+from kernels.gated_delta import xla
 
 
-def _pallas_supports(platform, chunk_size):
+def _pallas_supports(platform, chunk_size, num_tokens, sizes):
   if not isinstance(chunk_size, int) or chunk_size <= 0:
     return False
   if platform == 'gpu':
-    return chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
-  return chunk_size % 8 == 0
+    return chunk_size >= 16 and common.is_power_of_two(chunk_size)
+  # TPU: the state kernel holds a whole (batch, head) sequence in VMEM.
+  fits = sizes is None or pallas_gated_delta.fits_tpu(num_tokens, sizes)
+  return chunk_size % 8 == 0 and fits
 
 
-def resolve_implementation(implementation, interpret=False, chunk_size=64):
-  """The implementation that will run; raises if an explicit choice cannot run here."""
-  if implementation is not None and implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f'{implementation=} is not supported; expected one of {IMPLEMENTATIONS} or None')
-  platform = block_sizes_lib.platform_of(jax.local_devices()[0])
-  if implementation is None:
-    if interpret:
-      return 'pallas'
-    if platform in PALLAS_PLATFORMS and _pallas_supports(platform, chunk_size):
-      return 'pallas'
-    return 'xla'
-  if implementation == 'pallas' and not interpret and platform not in PALLAS_PLATFORMS:
-    raise ValueError(
-        f"implementation='pallas' cannot run on the {platform!r} backend: the Pallas "
-        f'gated-delta kernels compile only for {PALLAS_PLATFORMS}. Pass interpret=True to '
-        "run them in Pallas interpret mode (slow, for tests), or use implementation='xla'")
-  return implementation
+def resolve_implementation(implementation, interpret=False, chunk_size=64, num_tokens=0,
+                           sizes=None):
+  """The implementation that will run; raises if an explicit choice cannot run here.
+
+  None picks "pallas" on GPU/TPU only when `chunk_size` suits that platform's kernel and, on
+  TPU, when `num_tokens` held tokens per (batch, head) are within `sizes.max_tokens` (the
+  block sizes the kernel would run with; None: no limit). Longer sequences take "xla".
+  """
+  return common.resolve_implementation(
+      implementation, interpret, op='gated-delta',
+      pallas_supports=lambda platform: _pallas_supports(platform, chunk_size, num_tokens,
+                                                        sizes))
 
 
-def _expect_shape(name, x, expected, description):
-  if tuple(x.shape) != tuple(expected):
-    raise ValueError(f'{name} has shape {x.shape}, expected {description} = {tuple(expected)}')
-
-
-def _check_rank(name, x, rank, description):
-  if x.ndim != rank:
-    raise ValueError(f'{name} has shape {x.shape}, expected {description}')
+def _resolve(implementation, interpret, chunk_size, k, block_sizes, written, held):
+  """`resolve_implementation` with the block sizes the kernel would look up (by `written`
+  tokens, as `pallas_gated_delta` does) and `held` tokens per (batch, head)."""
+  sizes = block_sizes or block_sizes_lib.get_block_sizes(k.dtype, written, interpret=interpret)
+  return resolve_implementation(implementation, interpret, chunk_size, held, sizes)
 
 
 def _check_state(initial_state, batch, heads, key_dim, value_dim):
   if initial_state is not None:
-    _expect_shape('initial_state', initial_state, (batch, heads, key_dim, value_dim),
-                  '[B, H, K, V]')
+    common.expect_shape('initial_state', initial_state, (batch, heads, key_dim, value_dim),
+                        '[B, H, K, V]')
 
 
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, chunk_size=64,
@@ -96,16 +91,17 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, chunk_
   Returns:
     o: [B, T, H, V] in v.dtype, and final_state: [B, H, K, V] in fp32.
   """
-  implementation = resolve_implementation(implementation, interpret, chunk_size)
-  _check_rank('q', q, 4, '[B, T, H, K]')
+  common.check_rank('q', q, 4, '[B, T, H, K]')
   batch, seq_len, heads, key_dim = q.shape
-  _expect_shape('k', k, q.shape, '[B, T, H, K]')
-  _check_rank('v', v, 4, '[B, T, H, V]')
+  common.expect_shape('k', k, q.shape, '[B, T, H, K]')
+  common.check_rank('v', v, 4, '[B, T, H, V]')
   value_dim = v.shape[-1]
-  _expect_shape('v', v, (batch, seq_len, heads, value_dim), '[B, T, H, V]')
-  _expect_shape('g', g, (batch, seq_len, heads), '[B, T, H]')
-  _expect_shape('beta', beta, (batch, seq_len, heads), '[B, T, H]')
+  common.expect_shape('v', v, (batch, seq_len, heads, value_dim), '[B, T, H, V]')
+  common.expect_shape('g', g, (batch, seq_len, heads), '[B, T, H]')
+  common.expect_shape('beta', beta, (batch, seq_len, heads), '[B, T, H]')
   _check_state(initial_state, batch, heads, key_dim, value_dim)
+  implementation = _resolve(implementation, interpret, chunk_size, k, block_sizes, seq_len,
+                            pallas_gated_delta.held_tokens(1, seq_len, seq_len))
 
   if implementation == 'reference':
     return reference.naive_recurrent_gated_delta_rule(
@@ -114,7 +110,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, chunk_
     return pallas_gated_delta.gated_delta_rule(
         q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size,
         block_sizes=block_sizes, interpret=interpret)
-  return chunk.chunk_gated_delta_rule(
+  return xla.chunk_gated_delta_rule(
       q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size)
 
 
@@ -142,18 +138,20 @@ def arl2_memory(q, k, v, g, beta, *, initial_state=None, scale=None, chunk_size=
     prev_states: [B, N, H, K, V] fp32, the state each chunk reads;
     final_state: [B, H, K, V] fp32.
   """
-  implementation = resolve_implementation(implementation, interpret, chunk_size)
-  _check_rank('q', q, 5, '[B, N, R, H, K]')
-  batch, num_chunks, _, heads, key_dim = q.shape
-  _check_rank('k', k, 5, '[B, N, L, H, K]')
+  common.check_rank('q', q, 5, '[B, N, R, H, K]')
+  batch, num_chunks, num_reads, heads, key_dim = q.shape
+  common.check_rank('k', k, 5, '[B, N, L, H, K]')
   chunk_len = k.shape[2]
-  _expect_shape('k', k, (batch, num_chunks, chunk_len, heads, key_dim), '[B, N, L, H, K]')
-  _check_rank('v', v, 5, '[B, N, L, H, V]')
+  common.expect_shape('k', k, (batch, num_chunks, chunk_len, heads, key_dim), '[B, N, L, H, K]')
+  common.check_rank('v', v, 5, '[B, N, L, H, V]')
   value_dim = v.shape[-1]
-  _expect_shape('v', v, (batch, num_chunks, chunk_len, heads, value_dim), '[B, N, L, H, V]')
-  _expect_shape('g', g, (batch, num_chunks, chunk_len, heads), '[B, N, L, H]')
-  _expect_shape('beta', beta, (batch, num_chunks, chunk_len, heads), '[B, N, L, H]')
+  common.expect_shape('v', v, (batch, num_chunks, chunk_len, heads, value_dim), '[B, N, L, H, V]')
+  common.expect_shape('g', g, (batch, num_chunks, chunk_len, heads), '[B, N, L, H]')
+  common.expect_shape('beta', beta, (batch, num_chunks, chunk_len, heads), '[B, N, L, H]')
   _check_state(initial_state, batch, heads, key_dim, value_dim)
+  implementation = _resolve(implementation, interpret, chunk_size, k, block_sizes,
+                            num_chunks * chunk_len,
+                            pallas_gated_delta.held_tokens(num_chunks, chunk_len, num_reads))
 
   if implementation == 'reference':
     return reference.arl2_memory_reference(
@@ -162,5 +160,5 @@ def arl2_memory(q, k, v, g, beta, *, initial_state=None, scale=None, chunk_size=
     return pallas_gated_delta.arl2_memory(
         q, k, v, g, beta, initial_state=initial_state, scale=scale, chunk_size=chunk_size,
         block_sizes=block_sizes, interpret=interpret)
-  return chunk.chunk_arl2_memory(
+  return xla.chunk_arl2_memory(
       q, k, v, g, beta, initial_state=initial_state, scale=scale, chunk_size=chunk_size)

@@ -1,10 +1,12 @@
+# Kept in one file (~470 lines): the WY and state kernels, their wrappers and the custom_vjp
+# backward are one algorithm, read together.
 """Chunkwise (WY / UT transform) gated delta rule as Pallas kernels, with the fused ARL2 read.
 
 K-first state h in R^{K x V}, fp32. For each token t:
 
     h <- exp(g_t) h ;  u_t = beta_t (v_t - h^T k_t) ;  h <- h + k_t u_t^T ;  o_t = h^T (scale q_t)
 
-computed in sub-chunks of C tokens exactly as in `chunk.py` (same algebra; b = cumsum(g) inside
+computed in sub-chunks of C tokens exactly as in `xla.py` (same algebra; b = cumsum(g) inside
 a sub-chunk, Gamma_ij = exp(b_i - b_j) for i >= j with the diagonal, formed from segment sums):
 
     A_ij = beta_i (k_i . k_j) Gamma_ij (i > j) ;  T = (I + A)^-1
@@ -27,13 +29,16 @@ Everything is fp32 inside the kernels (inputs may be bf16). Padding tokens (k = 
 that are not powers of two are zero-padded for the Triton lowering.
 
 The backward is a `jax.custom_vjp` that recomputes through the XLA chunked path
-(`jax.vjp` of `chunk.chunk_arl2_memory` / `chunk.chunk_gated_delta_rule`): exact to fp32
+(`jax.vjp` of `xla.chunk_arl2_memory` / `xla.chunk_gated_delta_rule`): exact to fp32
 rounding, including the gradients through prev_states, final_state and initial_state, but
 not a fused kernel.
 
 Lowering: GPU through Pallas Triton, TPU through Mosaic; `interpret=True` runs on any backend.
-On TPU the sequential kernel holds a whole (B, H) sequence of W, U and k in VMEM, which bounds
-the tokens per call (fine for one AR chunk at paper scale, not for long teacher-forcing runs).
+On TPU the sequential kernel holds a whole (B, H) sequence of W, U and k (and the reading
+queries) in VMEM, which bounds the tokens per call: `held_tokens` counts them, and a TPU call
+above `GatedDeltaBlockSizes.max_tokens` raises (`check_tpu_tokens`; the API's
+implementation=None sends such sequences to the XLA chunked path instead). One AR chunk at
+paper scale fits; a 7-chunk teacher-forcing sequence does not.
 
 Shapes: B batch, T tokens, H heads, K key dim, V value dim, C sub-chunk; for the ARL2 memory,
 N autoregressive chunks, L tokens written per chunk, R reading tokens per chunk.
@@ -47,12 +52,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
+from kernels import common
 from kernels.gated_delta import block_sizes as block_sizes_lib
-from kernels.gated_delta import chunk
+from kernels.gated_delta import xla
 
 _HIGHEST = lax.Precision.HIGHEST
 _MIN_DIM = 16  # tl.dot needs >= 16 rows and columns
-TARGETS = ('gpu', 'tpu')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,52 +69,9 @@ class _Config:
   interpret: bool
 
 
-def _round_up(n, m):
-  return -(-n // m) * m
-
-
-def _is_power_of_two(n):
-  return n > 0 and n & (n - 1) == 0
-
-
-def _pad_axis(x, axis, size):
-  pad = size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths)
-
-
 def _dot(a, b, contract=((1,), (0,))):
   return lax.dot_general(a, b, (contract, ((), ())), precision=_HIGHEST,
                          preferred_element_type=jnp.float32)
-
-
-def resolve_target(target, interpret):
-  """'gpu' or 'tpu': the lowering the kernels are built for."""
-  if target is not None:
-    if target not in TARGETS:
-      raise ValueError(f'{target=} must be one of {TARGETS}')
-    return target
-  platform = block_sizes_lib.platform_of(jax.local_devices()[0])
-  if platform in TARGETS:
-    return platform
-  if interpret:
-    return 'gpu'  # Interpret mode on CPU: exercise the GPU constraints by default.
-  raise ValueError(
-      f'the Pallas gated-delta kernel cannot be compiled for the {platform!r} backend; pass '
-      'interpret=True to run it in interpret mode, or use the XLA implementation')
-
-
-def _compiler_params(config, num_grid_dims):
-  if config.target == 'gpu':
-    from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
-    return pl_triton.CompilerParams(num_warps=config.sizes.num_warps,
-                                    num_stages=config.sizes.num_stages)
-  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
-  semantics = ('parallel',) * num_grid_dims
-  return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,7 +97,7 @@ def _wy_kernel(*refs, scale, with_outputs):
   zeros = jnp.zeros((c, c), jnp.float32)
 
   # seg_t[j, i] = g_{j+1} + ... + g_i = b_i - b_j (i >= j, else 0), summed segment by segment
-  # (a triangular matmul) rather than differenced, as in chunk._segment_sums.
+  # (a triangular matmul) rather than differenced, as in xla._segment_sums.
   g_after = jnp.where(col > row, g_row, zeros)        # [j, s] = g_s for s > j
   upto = jnp.where(row <= col, ones, zeros)           # [s, i] = 1 for s <= i
   seg_t = _dot(g_after, upto)
@@ -195,7 +157,7 @@ def _wy_transform(k, v, g, beta, q, config):
       in_specs=in_specs,
       out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=_compiler_params(config, len(grid)),
+      compiler_params=common.pallas_compiler_params(config.target, config.sizes, len(grid)),
       interpret=config.interpret,
       name='arl2_gdn_wy',
   )(*inputs)
@@ -299,7 +261,7 @@ def _propagate(w, u0, k, g, h0, q_read, q_decayed, qk_gamma, *, num_chunks, read
       in_specs=in_specs,
       out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=_compiler_params(config, len(grid)),
+      compiler_params=common.pallas_compiler_params(config.target, config.sizes, len(grid)),
       interpret=config.interpret,
       name='arl2_gdn_state',
   )(*inputs)
@@ -321,16 +283,16 @@ def _arl2_forward(q, k, v, g, beta, h0, config):
   chunk_len, value_dim = k.shape[2], v.shape[-1]
   c = config.chunk_size
   key_pad, value_pad = _padded_dims(key_dim, value_dim, config)
-  padded_len = _round_up(chunk_len, c)
+  padded_len = common.round_up(chunk_len, c)
   floor = _MIN_DIM if config.target == 'gpu' else 8
   block_r = max(floor, min(config.sizes.block_r, pl.next_power_of_2(num_reads)))
-  reads_pad = _round_up(num_reads, block_r)
+  reads_pad = common.round_up(num_reads, block_r)
 
   def tokens(x, length, feat_pad=None):
     """[B, N, len, H(, F)] -> [B, H, N * length(, feat_pad)], zero-padded."""
-    x = _pad_axis(x, 2, length)
+    x = common.pad_axis(x, 2, length)
     if feat_pad is not None:
-      x = _pad_axis(x, 4, feat_pad)
+      x = common.pad_axis(x, 4, feat_pad)
     x = x.reshape(batch, num_chunks * length, *x.shape[3:])
     return jnp.swapaxes(x, 1, 2)
 
@@ -339,7 +301,7 @@ def _arl2_forward(q, k, v, g, beta, h0, config):
   g_t = tokens(g.astype(jnp.float32), padded_len)
   beta_t = tokens(beta.astype(jnp.float32), padded_len)
   q_t = tokens(q, reads_pad, key_pad)
-  h0_t = _pad_axis(_pad_axis(h0, 2, key_pad), 3, value_pad)
+  h0_t = common.pad_axis(common.pad_axis(h0, 2, key_pad), 3, value_pad)
   w, u0 = _wy_transform(k_t, v_t, g_t, beta_t, None, config)
   reads, prev_states, final_state = _propagate(
       w, u0, k_t, g_t, h0_t, q_t, None, None, num_chunks=num_chunks,
@@ -355,17 +317,17 @@ def _gdn_forward(q, k, v, g, beta, h0, config):
   value_dim = v.shape[-1]
   c = config.chunk_size
   key_pad, value_pad = _padded_dims(key_dim, value_dim, config)
-  padded_len = _round_up(seq_len, c)
+  padded_len = common.round_up(seq_len, c)
 
   def tokens(x, feat_pad=None):
-    x = _pad_axis(x, 1, padded_len)
+    x = common.pad_axis(x, 1, padded_len)
     if feat_pad is not None:
-      x = _pad_axis(x, 3, feat_pad)
+      x = common.pad_axis(x, 3, feat_pad)
     return jnp.swapaxes(x, 1, 2)
 
   k_t, v_t, q_t = tokens(k, key_pad), tokens(v, value_pad), tokens(q, key_pad)
   g_t, beta_t = tokens(g.astype(jnp.float32)), tokens(beta.astype(jnp.float32))
-  h0_t = _pad_axis(_pad_axis(h0, 2, key_pad), 3, value_pad)
+  h0_t = common.pad_axis(common.pad_axis(h0, 2, key_pad), 3, value_pad)
   w, u0, q_decayed, qk_gamma = _wy_transform(k_t, v_t, g_t, beta_t, q_t, config)
   o, final_state = _propagate(
       w, u0, k_t, g_t, h0_t, None, q_decayed, qk_gamma, num_chunks=1, reads_per_chunk=0,
@@ -375,13 +337,13 @@ def _gdn_forward(q, k, v, g, beta, h0, config):
 
 
 def _chunk_arl2(q, k, v, g, beta, h0, config):
-  return chunk.chunk_arl2_memory(q, k, v, g, beta, initial_state=h0, scale=config.scale,
-                                 chunk_size=config.chunk_size)
+  return xla.chunk_arl2_memory(q, k, v, g, beta, initial_state=h0, scale=config.scale,
+                               chunk_size=config.chunk_size)
 
 
 def _chunk_gdn(q, k, v, g, beta, h0, config):
-  return chunk.chunk_gated_delta_rule(q, k, v, g, beta, scale=config.scale, initial_state=h0,
-                                      chunk_size=config.chunk_size)
+  return xla.chunk_gated_delta_rule(q, k, v, g, beta, scale=config.scale, initial_state=h0,
+                                    chunk_size=config.chunk_size)
 
 
 def _with_recomputed_vjp(forward, chunked):
@@ -406,18 +368,42 @@ _arl2 = _with_recomputed_vjp(_arl2_forward, _chunk_arl2)
 _gdn = _with_recomputed_vjp(_gdn_forward, _chunk_gdn)
 
 
-def _make_config(q, k, scale, chunk_size, block_sizes, interpret, target, num_tokens):
-  target = resolve_target(target, interpret)
+def held_tokens(num_chunks, chunk_len, num_reads):
+  """Tokens of one (batch, head) the TPU state kernel holds in VMEM: N chunks of L written
+  tokens and R reading queries each (a `gated_delta_rule` token is written and read)."""
+  return num_chunks * (chunk_len + num_reads)
+
+
+def fits_tpu(num_tokens, sizes):
+  """Whether `num_tokens` held tokens are within `sizes.max_tokens` (None: no limit)."""
+  return sizes.max_tokens is None or num_tokens <= sizes.max_tokens
+
+
+def check_tpu_tokens(num_tokens, sizes):
+  """Raises unless one TPU call holding `num_tokens` tokens is within `sizes.max_tokens`."""
+  if not fits_tpu(num_tokens, sizes):
+    raise ValueError(
+        f'{num_tokens=} (written tokens plus reading queries per batch and head) must be <= '
+        f'max_tokens={sizes.max_tokens} for the Pallas TPU gated-delta kernel, which holds a '
+        "whole (batch, head) sequence in VMEM. Use implementation='xla' (None routes such "
+        'sequences there), or a GatedDeltaBlockSizes with a larger max_tokens')
+
+
+def _make_config(q, k, scale, chunk_size, block_sizes, interpret, target, num_tokens,
+                 vmem_tokens):
+  target = common.resolve_target(target, interpret, op='gated-delta')
   key_dim = q.shape[-1]
   if not isinstance(chunk_size, int) or chunk_size <= 0:
     raise ValueError(f'{chunk_size=} must be a positive integer')
-  if target == 'gpu' and (not _is_power_of_two(chunk_size) or chunk_size < _MIN_DIM):
+  if target == 'gpu' and (not common.is_power_of_two(chunk_size) or chunk_size < _MIN_DIM):
     raise ValueError(f'{chunk_size=} must be a power of two >= {_MIN_DIM} for the Pallas '
                      'Triton (GPU) kernel')
   if target == 'tpu' and chunk_size % 8:
     raise ValueError(f'{chunk_size=} must be a multiple of 8 for the Pallas TPU kernel')
   if block_sizes is None:
     block_sizes = block_sizes_lib.get_block_sizes(k.dtype, num_tokens, interpret=interpret)
+  if target == 'tpu':
+    check_tpu_tokens(vmem_tokens, block_sizes)
   if scale is None:
     scale = key_dim**-0.5
   return _Config(scale=float(scale), chunk_size=chunk_size, sizes=block_sizes, target=target,
@@ -451,9 +437,9 @@ def arl2_memory(q, k, v, g, beta, *, initial_state=None, scale=None, chunk_size=
     reads [B, N, R, H, V] in v.dtype, prev_states [B, N, H, K, V] fp32 (the state each chunk
     reads), final_state [B, H, K, V] fp32.
   """
-  batch, num_chunks, _, heads, key_dim = q.shape
+  batch, num_chunks, num_reads, heads, key_dim = q.shape
   config = _make_config(q, k, scale, chunk_size, block_sizes, interpret, target,
-                        k.shape[2] * num_chunks)
+                        k.shape[2] * num_chunks, held_tokens(num_chunks, k.shape[2], num_reads))
   h0 = _state_or_zeros(initial_state, batch, heads, key_dim, v.shape[-1])
   return _arl2(q, k, v, g, beta, h0, config)
 
@@ -471,7 +457,8 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, chunk_
     o [B, T, H, V] in v.dtype and final_state [B, H, K, V] fp32.
   """
   batch, seq_len, heads, key_dim = q.shape
-  config = _make_config(q, k, scale, chunk_size, block_sizes, interpret, target, seq_len)
+  config = _make_config(q, k, scale, chunk_size, block_sizes, interpret, target, seq_len,
+                        held_tokens(1, seq_len, seq_len))
   h0 = _state_or_zeros(initial_state, batch, heads, key_dim, v.shape[-1])
   return _gdn(q, k, v, g, beta, h0, config)
 

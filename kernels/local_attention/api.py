@@ -12,44 +12,29 @@ Shapes: B batch, H heads, D head dim, N chunks, L tokens per chunk, M cache slot
   interpret mode everywhere (a request to test the kernel is never silently answered by XLA).
 
 `interpret` only affects "pallas" (and None); "xla" and "reference" ignore it. `block_sizes`
-(an `AttentionBlockSizes`) only affects "pallas"; None uses `block_sizes.get_block_sizes`.
+(an `AttentionBlockSizes`; None uses `block_sizes.get_block_sizes`) sets the kernel's tiling
+for "pallas" and, through `xla_key_block`, the key block of the XLA path's blocked sweeps
+(cached and teacher-forcing attention); "reference" ignores it.
 """
 
-import jax
+from __future__ import annotations
 
+from kernels import common
 from kernels.local_attention import block_sizes as block_sizes_lib
 from kernels.local_attention import pallas_attention
 from kernels.local_attention import reference
 from kernels.local_attention import xla
 
-IMPLEMENTATIONS = ('xla', 'reference', 'pallas')
-PALLAS_PLATFORMS = ('gpu', 'tpu')
-
 
 def resolve_implementation(implementation, interpret):
   """The implementation that will run; raises if an explicit choice cannot run here."""
-  if implementation is not None and implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f'{implementation=} is not supported; expected one of {IMPLEMENTATIONS} or None')
-  platform = block_sizes_lib.platform_of(jax.local_devices()[0])
-  if implementation is None:
-    return 'pallas' if interpret or platform in PALLAS_PLATFORMS else 'xla'
-  if implementation == 'pallas' and not interpret and platform not in PALLAS_PLATFORMS:
-    raise ValueError(
-        f"implementation='pallas' cannot run on the {platform!r} backend: the Pallas "
-        f'attention kernel compiles only for {PALLAS_PLATFORMS}. Pass interpret=True to run '
-        "it in Pallas interpret mode (slow, for tests), or use implementation='xla'")
-  return implementation
+  return common.resolve_implementation(implementation, interpret, op='attention')
 
 
-def _expect_shape(name, x, expected, description):
-  if tuple(x.shape) != tuple(expected):
-    raise ValueError(f'{name} has shape {x.shape}, expected {description} = {tuple(expected)}')
-
-
-def _check_rank(name, x, rank, description):
-  if x.ndim != rank:
-    raise ValueError(f'{name} has shape {x.shape}, expected {description}')
+def _xla_key_block(block_sizes, dtype, num_keys):
+  """The XLA sweeps' key block from the given or looked-up block sizes (None: xla's default)."""
+  sizes = block_sizes or block_sizes_lib.get_block_sizes(dtype, num_keys)
+  return sizes.xla_key_block
 
 
 def chunk_local_attention(q, k, v, *, scale=None, implementation=None, interpret=False,
@@ -67,9 +52,9 @@ def chunk_local_attention(q, k, v, *, scale=None, implementation=None, interpret
     [B, N, L, H, D] in q.dtype.
   """
   implementation = resolve_implementation(implementation, interpret)
-  _check_rank('q', q, 5, '[B, N, L, H, D]')
-  _expect_shape('k', k, q.shape, '[B, N, L, H, D]')
-  _expect_shape('v', v, q.shape, '[B, N, L, H, D]')
+  common.check_rank('q', q, 5, '[B, N, L, H, D]')
+  common.expect_shape('k', k, q.shape, '[B, N, L, H, D]')
+  common.expect_shape('v', v, q.shape, '[B, N, L, H, D]')
   if implementation == 'reference':
     return reference.chunk_local_attention_reference(q, k, v, scale=scale)
   if implementation == 'pallas':
@@ -89,20 +74,21 @@ def cached_chunk_attention(q, k, v, k_cache, v_cache, cache_valid, *, scale=None
     scale: logit scale; defaults to D**-0.5.
     implementation: None, "xla", "reference" or "pallas".
     interpret: run the Pallas kernel in interpret mode (used by "pallas" and None).
-    block_sizes: `AttentionBlockSizes` for "pallas"; None for the tuned/default ones.
+    block_sizes: `AttentionBlockSizes` for "pallas" (and `xla_key_block` for "xla"); None
+      for the tuned/default ones.
 
   Returns:
     [B, L, H, D] in q.dtype.
   """
   implementation = resolve_implementation(implementation, interpret)
-  _check_rank('q', q, 4, '[B, L, H, D]')
+  common.check_rank('q', q, 4, '[B, L, H, D]')
   batch, _, heads, head_dim = q.shape
-  _expect_shape('k', k, q.shape, '[B, L, H, D]')
-  _expect_shape('v', v, q.shape, '[B, L, H, D]')
-  _check_rank('k_cache', k_cache, 4, '[B, M, H, D]')
+  common.expect_shape('k', k, q.shape, '[B, L, H, D]')
+  common.expect_shape('v', v, q.shape, '[B, L, H, D]')
+  common.check_rank('k_cache', k_cache, 4, '[B, M, H, D]')
   cache_len = k_cache.shape[1]
-  _expect_shape('k_cache', k_cache, (batch, cache_len, heads, head_dim), '[B, M, H, D]')
-  _expect_shape('v_cache', v_cache, k_cache.shape, '[B, M, H, D]')
+  common.expect_shape('k_cache', k_cache, (batch, cache_len, heads, head_dim), '[B, M, H, D]')
+  common.expect_shape('v_cache', v_cache, k_cache.shape, '[B, M, H, D]')
   if tuple(cache_valid.shape) not in ((cache_len,), (batch, cache_len)):
     raise ValueError(f'cache_valid has shape {cache_valid.shape}, expected [M] = '
                      f'{(cache_len,)} or [B, M] = {(batch, cache_len)}')
@@ -115,7 +101,9 @@ def cached_chunk_attention(q, k, v, k_cache, v_cache, cache_valid, *, scale=None
     return pallas_attention.cached_chunk_attention(
         q, k, v, k_cache, v_cache, cache_valid, scale=scale, block_sizes=block_sizes,
         interpret=interpret)
-  return xla.cached_chunk_attention(q, k, v, k_cache, v_cache, cache_valid, scale=scale)
+  return xla.cached_chunk_attention(
+      q, k, v, k_cache, v_cache, cache_valid, scale=scale,
+      key_block=_xla_key_block(block_sizes, q.dtype, cache_len))
 
 
 def teacher_forcing_attention(q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noisy, *,
@@ -132,17 +120,19 @@ def teacher_forcing_attention(q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noi
     scale: logit scale; defaults to D**-0.5.
     implementation: None, "xla", "reference" or "pallas".
     interpret: run the Pallas kernel in interpret mode (used by "pallas" and None).
-    block_sizes: `AttentionBlockSizes` for "pallas"; None for the tuned/default ones.
+    block_sizes: `AttentionBlockSizes` for "pallas" (and `xla_key_block` for "xla", whose
+      sweep skips the key blocks the block-causal mask empties); None for the tuned/default
+      ones.
 
   Returns:
     (o_clean, o_noisy), each [B, N * L, H, D] in q.dtype.
   """
   implementation = resolve_implementation(implementation, interpret)
-  _check_rank('q_clean', q_clean, 4, '[B, N * L, H, D]')
+  common.check_rank('q_clean', q_clean, 4, '[B, N * L, H, D]')
   inputs = dict(k_clean=k_clean, v_clean=v_clean, q_noisy=q_noisy, k_noisy=k_noisy,
                 v_noisy=v_noisy)
   for name, x in inputs.items():
-    _expect_shape(name, x, q_clean.shape, '[B, N * L, H, D]')
+    common.expect_shape(name, x, q_clean.shape, '[B, N * L, H, D]')
   seq_len = q_clean.shape[1]
   if not isinstance(num_chunks, int) or num_chunks <= 0 or seq_len % num_chunks:
     raise ValueError(f'{seq_len=} must be a multiple of {num_chunks=} (a positive integer)')
@@ -150,7 +140,10 @@ def teacher_forcing_attention(q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noi
     return pallas_attention.teacher_forcing_attention(
         q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noisy, num_chunks=num_chunks,
         scale=scale, block_sizes=block_sizes, interpret=interpret)
-  fn = (reference.teacher_forcing_attention_reference if implementation == 'reference'
-        else xla.teacher_forcing_attention)
-  return fn(q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noisy, num_chunks=num_chunks,
-            scale=scale)
+  args = (q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noisy)
+  if implementation == 'reference':
+    return reference.teacher_forcing_attention_reference(*args, num_chunks=num_chunks,
+                                                         scale=scale)
+  return xla.teacher_forcing_attention(
+      *args, num_chunks=num_chunks, scale=scale,
+      key_block=_xla_key_block(block_sizes, q_clean.dtype, seq_len))

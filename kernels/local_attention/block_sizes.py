@@ -1,7 +1,9 @@
-"""Block sizes of the Pallas local-attention kernel, and where tuned values live.
+"""Block sizes of the Pallas local-attention kernel (and of the XLA path's key sweeps), and
+where tuned values live.
 
 `AttentionBlockSizes` is frozen and validated on construction. `get_block_sizes` looks up
-`TUNED` by (device kind, dtype, shape bucket) and falls back to `DEFAULTS[platform]`.
+`TUNED` by (device kind, dtype, shape bucket) and falls back to `DEFAULTS[platform]` (the
+lookup itself is `common.lookup_block_sizes`).
 
 The GPU lowering is Pallas Triton: every block dimension that the kernel loads must be a power
 of two, and `tl.dot` needs at least 16 rows and columns. Mosaic TPU wants block_k a multiple
@@ -11,11 +13,9 @@ of 128 (lanes) for the key-major loads and bounds the keys held in VMEM per call
 
 import dataclasses
 
-import jax
-
-
-def _is_power_of_two(n):
-  return isinstance(n, int) and n > 0 and n & (n - 1) == 0
+from kernels import common
+# Re-exported: `TUNED` is keyed by `shape_bucket(num_keys)`.
+from kernels.common import shape_bucket  # pylint: disable=unused-import
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,24 +28,37 @@ class AttentionBlockSizes:
     max_kv_per_call: None, or the most keys one kernel call holds (a multiple of block_k);
       longer key sets run as several calls merged by log-sum-exp (needed on TPU, where a
       program's whole key block lives in VMEM).
-    bwd_block_q: queries per step of the jnp recomputation backward (bounds its memory to
-      bwd_block_q x keys logits per batch and head).
+    bwd_block_q, bwd_block_k: queries and keys per step of the jnp recomputation backward
+      (its logits are bwd_block_q x bwd_block_k per batch and head; under the history mask
+      the key blocks a query block cannot see are skipped).
+    xla_key_block: keys per step of the XLA path's blocked sweeps (`xla.py`: the cached
+      attention over a long cache, the teacher-forcing attention over a long clip); None
+      reads `xla.CACHE_KEY_BLOCK` / `xla.TEACHER_FORCING_KEY_BLOCK` (2048). Not a Pallas
+      tiling: it sets the XLA path's fp32 logits per step, O(queries x xla_key_block).
     num_warps, num_stages: Triton launch parameters (GPU only); None lets Pallas choose.
   """
   block_q: int = 128
   block_k: int = 64
   max_kv_per_call: int | None = None
   bwd_block_q: int = 512
+  bwd_block_k: int = 2048
+  xla_key_block: int | None = None
   num_warps: int | None = None
   num_stages: int | None = None
 
   def __post_init__(self):
     for name in ('block_q', 'block_k'):
       value = getattr(self, name)
-      if not _is_power_of_two(value) or value < 8:
+      if not common.is_power_of_two(value) or value < 8:
         raise ValueError(f'{name}={value!r} must be a power of two >= 8')
-    if not isinstance(self.bwd_block_q, int) or self.bwd_block_q <= 0:
-      raise ValueError(f'bwd_block_q={self.bwd_block_q!r} must be a positive integer')
+    for name in ('bwd_block_q', 'bwd_block_k'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f'{name}={value!r} must be a positive integer')
+    if self.xla_key_block is not None and (
+        not isinstance(self.xla_key_block, int) or self.xla_key_block <= 0):
+      raise ValueError(f'xla_key_block={self.xla_key_block!r} must be None or a positive '
+                       'integer')
     if self.max_kv_per_call is not None and (
         not isinstance(self.max_kv_per_call, int) or self.max_kv_per_call <= 0
         or self.max_kv_per_call % self.block_k):
@@ -77,30 +90,7 @@ TUNED = {
 }
 
 
-def shape_bucket(num_keys):
-  """'short' (< 1024 keys), 'medium' (< 8192) or 'long'."""
-  if num_keys < 1024:
-    return 'short'
-  if num_keys < 8192:
-    return 'medium'
-  return 'long'
-
-
-def platform_of(device):
-  """'gpu', 'tpu' or 'cpu' for a jax device (CUDA and ROCm both count as 'gpu')."""
-  platform = device.platform.lower()
-  return 'gpu' if platform in ('gpu', 'cuda', 'rocm') else platform
-
-
 def get_block_sizes(dtype, num_keys, *, device=None, interpret=False):
   """Block sizes for `device` (default: the first local device), dtype and key count."""
-  if interpret:
-    return DEFAULTS['cpu']
-  device = jax.local_devices()[0] if device is None else device
-  kind = device.device_kind
-  bucket = shape_bucket(num_keys)
-  dtype_name = jax.numpy.dtype(dtype).name
-  for (kind_part, tuned_dtype, tuned_bucket), sizes in TUNED.items():
-    if kind_part in kind and tuned_dtype == dtype_name and tuned_bucket == bucket:
-      return sizes
-  return DEFAULTS.get(platform_of(device), DEFAULTS['cpu'])
+  return common.lookup_block_sizes(TUNED, DEFAULTS, dtype, num_keys, device=device,
+                                   interpret=interpret)

@@ -1,3 +1,5 @@
+# Kept in one file (~400 lines): one flash kernel, its log-sum-exp merge and its recompute
+# backward are read together.
 """Flash-attention (online softmax) Pallas kernel for the ARL2 attention patterns.
 
 One kernel, `flash_attention`, attends a query set to one key set under three optional masks:
@@ -26,7 +28,9 @@ Lowering: GPU through Pallas Triton (layout [B, T, H, D], no transposes), TPU th
 (layout [B, H, T, D]; key sets longer than `max_kv_per_call` run as several calls merged by
 log-sum-exp, since a program's keys live in VMEM). `interpret=True` runs either layout on any
 backend. The backward is a `jax.custom_vjp` that recomputes softmax in plain jnp from the saved
-log-sum-exp, `bwd_block_q` queries at a time (exact, but not a fused kernel).
+log-sum-exp and output, flash-style: `bwd_block_q` x `bwd_block_k` logits at a time, over the
+(query block, key block) pairs the history mask leaves non-empty (exact, but not a fused
+kernel).
 
 Shapes: B batch, H heads, D head dim, N chunks, L tokens per chunk, M cache slots; Tq / Tk
 query / key counts of one call.
@@ -41,13 +45,13 @@ from jax.experimental import pallas as pl
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import common
 from kernels.local_attention import block_sizes as block_sizes_lib
 
 _HIGHEST = lax.Precision.HIGHEST
 # Finite, so that exp(m_old - m_new) never sees inf - inf on a row with no visible key yet.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _MIN_BLOCK = 16  # tl.dot needs >= 16 rows and columns
-TARGETS = ('gpu', 'tpu')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,46 +65,9 @@ class _Config:
   out_dtype: object
 
 
-def _round_up(n, m):
-  return -(-n // m) * m
-
-
 def _block(configured, length):
   """The configured block, shrunk (to a power of two >= 16) when the sequence is shorter."""
   return min(configured, max(_MIN_BLOCK, pl.next_power_of_2(length)))
-
-
-def _pad_axis(x, axis, size, value=0):
-  pad = size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths, constant_values=value)
-
-
-def resolve_target(target, interpret):
-  """'gpu' or 'tpu': the lowering (and block layout) the kernel is built for."""
-  if target is not None:
-    if target not in TARGETS:
-      raise ValueError(f'{target=} must be one of {TARGETS}')
-    return target
-  platform = block_sizes_lib.platform_of(jax.local_devices()[0])
-  if platform in TARGETS:
-    return platform
-  if interpret:
-    return 'gpu'  # Interpret mode on CPU: exercise the GPU block layout by default.
-  raise ValueError(
-      f'the Pallas attention kernel cannot be compiled for the {platform!r} backend; pass '
-      'interpret=True to run it in interpret mode, or use the XLA implementation')
-
-
-def _compiler_params(target, sizes, num_grid_dims):
-  if target == 'gpu':
-    from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
-    return pl_triton.CompilerParams(num_warps=sizes.num_warps, num_stages=sizes.num_stages)
-  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
-  return pltpu.CompilerParams(dimension_semantics=('parallel',) * num_grid_dims)
 
 
 def _flash_attention_kernel(*refs, scale, block_k, num_key_blocks, kv_len, num_queries,
@@ -178,11 +145,11 @@ def _forward_segment(q, k, v, key_valid, config, key_offset):
   sizes, target = config.sizes, config.target
   block_q = _block(sizes.block_q, num_queries)
   block_k = _block(sizes.block_k, num_keys)
-  q_len = _round_up(num_queries, block_q)
-  kv_len = _round_up(num_keys, block_k)
-  q = _pad_axis(q, 1, q_len)
-  k = _pad_axis(k, 1, kv_len)
-  v = _pad_axis(v, 1, kv_len)
+  q_len = common.round_up(num_queries, block_q)
+  kv_len = common.round_up(num_keys, block_k)
+  q = common.pad_axis(q, 1, q_len)
+  k = common.pad_axis(k, 1, kv_len)
+  v = common.pad_axis(v, 1, kv_len)
   grid = (batch, heads, q_len // block_q)
 
   if target == 'gpu':  # [B, T, H, D]: heads are squeezed block dims, nothing is transposed.
@@ -198,7 +165,7 @@ def _forward_segment(q, k, v, key_valid, config, key_offset):
   inputs = [q, k, v]
   in_specs = [q_spec, kv_spec, kv_spec]
   if key_valid is not None:
-    valid = _pad_axis(key_valid.astype(jnp.int32), 1, kv_len)[:, None, :]  # [B, 1, Tk]
+    valid = common.pad_axis(key_valid.astype(jnp.int32), 1, kv_len)[:, None, :]  # [B, 1, Tk]
     inputs.append(valid)
     in_specs.append(pl.BlockSpec((None, 1, kv_len), lambda b, h, i: (b, 0, 0)))
   if config.history_chunk_len:
@@ -218,7 +185,7 @@ def _forward_segment(q, k, v, key_valid, config, key_offset):
       out_specs=[q_spec, pl.BlockSpec((None, None, block_q, 1), lambda b, h, i: (b, h, i, 0))],
       out_shape=[jax.ShapeDtypeStruct(o_shape, config.out_dtype),
                  jax.ShapeDtypeStruct((batch, heads, q_len, 1), jnp.float32)],
-      compiler_params=_compiler_params(target, sizes, len(grid)),
+      compiler_params=common.pallas_compiler_params(target, sizes, len(grid)),
       interpret=config.interpret,
       name='arl2_flash_attention',
   )(*inputs)
@@ -262,58 +229,96 @@ def _forward(q, k, v, key_valid, config):
   return o.astype(config.out_dtype), lse
 
 
-def _visibility(config, num_keys, key_valid, query_start, num_queries):
-  """Bool mask broadcastable to [B, H, Tq, Tk] for the jnp backward, or None."""
-  mask = None
-  if key_valid is not None:
-    mask = key_valid[:, None, None, :]
+def _visible_key_blocks(config, query_block, block_q, block_k, num_queries, num_key_blocks):
+  """How many leading key blocks query block `query_block` sees (static): all of them, or
+  under the history mask those before the start of its last query's chunk."""
+  if not config.history_chunk_len:
+    return num_key_blocks
+  c = config.history_chunk_len
+  last_query = min((query_block + 1) * block_q, num_queries) - 1
+  return min(-(-((last_query // c) * c) // block_k), num_key_blocks)
+
+
+def _visibility(config, key_ok, key_start, block_k, query_start, block_q):
+  """Bool mask broadcastable to [B, H, bq, bk] for one (query block, key block) pair, or None.
+
+  key_ok: [B, bk] (validity and padding of the block's keys) or None.
+  """
+  mask = None if key_ok is None else key_ok[:, None, None, :]
   if config.history_chunk_len:
     c = config.history_chunk_len
-    t = query_start + jnp.arange(num_queries)
-    before = jnp.arange(num_keys)[None, :] < ((t // c) * c)[:, None]
+    t = query_start + jnp.arange(block_q)
+    before = (key_start + jnp.arange(block_k))[None, :] < ((t // c) * c)[:, None]
     mask = before if mask is None else mask & before
   return mask
 
 
-def _backward(config, q, k, v, key_valid, lse, do, dlse):
-  """Exact softmax-attention VJP from the saved lse, bwd_block_q queries per scan step."""
+def _backward(config, q, k, v, key_valid, o, lse, do, dlse):
+  """Exact softmax-attention VJP from the saved lse, flash-style in jnp.
+
+  One `lax.scan` walks the static (query block, key block) pairs that the history mask leaves
+  non-empty (`_visible_key_blocks`; every pair without it), `bwd_block_q` x `bwd_block_k` at
+  a time: p = exp(s - lse), ds = p (do v^T - do . o + dlse), dq += scale ds k,
+  dk += scale ds^T q, dv += p^T do. Neither the logits of a whole query row nor the blocks
+  the mask empties are ever formed.
+  """
   batch, num_queries, heads, head_dim = q.shape
   num_keys = k.shape[1]
-  block = min(config.sizes.bwd_block_q, num_queries)
-  q_len = _round_up(num_queries, block)
-  num_blocks = q_len // block
+  block_q = min(config.sizes.bwd_block_q, num_queries)
+  block_k = min(config.sizes.bwd_block_k, num_keys)
+  q_len, k_len = common.round_up(num_queries, block_q), common.round_up(num_keys, block_k)
+  pairs = [(i, j) for i in range(q_len // block_q)
+           for j in range(_visible_key_blocks(config, i, block_q, block_k, num_queries,
+                                              k_len // block_k))]
+  if not pairs:  # no query sees a key: nothing flows back
+    return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)
   f32 = lambda x: x.astype(jnp.float32)
   einsum = functools.partial(jnp.einsum, precision=_HIGHEST)
+  scale = config.scale
 
-  def blocks(x, axis):  # [.., Tq, ..] -> [nb, .., block, ..]
-    x = _pad_axis(x, axis, q_len)
-    x = x.reshape(*x.shape[:axis], num_blocks, block, *x.shape[axis + 1:])
-    return jnp.moveaxis(x, axis, 0)
+  q32, do32 = (common.pad_axis(f32(x), 1, q_len) for x in (q, do))
+  k32, v32 = (common.pad_axis(f32(x), 1, k_len) for x in (k, v))
+  finite = jnp.isfinite(lse)  # rows that saw no key carry no gradient
+  lse = common.pad_axis(jnp.where(finite, lse, 0.0), 2, q_len)
+  finite = common.pad_axis(finite, 2, q_len)
+  # rowsum(p * dp) = do . o; the lse cotangent adds dlse * p to ds.
+  delta = jnp.swapaxes(jnp.sum(f32(do) * f32(o), axis=-1), 1, 2) - dlse
+  delta = common.pad_axis(delta, 2, q_len)
+  key_ok = None
+  if key_valid is not None or k_len > num_keys:
+    key_ok = jnp.ones((batch, num_keys), bool) if key_valid is None else key_valid
+    key_ok = common.pad_axis(key_ok, 1, k_len, value=False)
 
-  k32, v32 = f32(k), f32(v)
+  def add(acc, x, start):
+    return lax.dynamic_update_slice_in_dim(
+        acc, lax.dynamic_slice_in_dim(acc, start, x.shape[1], axis=1) + x, start, axis=1)
 
   def step(carry, xs):
-    dk, dv = carry
-    index, q_b, do_b, lse_b, dlse_b = xs
-    q_b, do_b = f32(q_b), f32(do_b)
-    s = config.scale * einsum('bqhd,bkhd->bhqk', q_b, k32)
-    mask = _visibility(config, num_keys, key_valid, index * block, block)
+    dq, dk, dv = carry
+    i, j = xs
+    q_start, k_start = i * block_q, j * block_k
+    rows = lambda x, axis: lax.dynamic_slice_in_dim(x, q_start, block_q, axis=axis)
+    keys = lambda x: lax.dynamic_slice_in_dim(x, k_start, block_k, axis=1)
+    q_b, do_b = rows(q32, 1), rows(do32, 1)
+    k_b, v_b = keys(k32), keys(v32)
+    s = scale * einsum('bqhd,bkhd->bhqk', q_b, k_b)
+    mask = _visibility(config, None if key_ok is None else keys(key_ok), k_start, block_k,
+                       q_start, block_q)
     if mask is not None:
       s = jnp.where(mask, s, -jnp.inf)
-    finite = jnp.isfinite(lse_b)[..., None]  # rows that saw no key carry no gradient
-    p = jnp.where(finite, jnp.exp(s - jnp.where(finite, lse_b[..., None], 0.0)), 0.0)
-    dv = dv + einsum('bhqk,bqhd->bkhd', p, do_b)
-    dp = einsum('bqhd,bkhd->bhqk', do_b, v32)
-    ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True) + dlse_b[..., None])
-    dq_b = config.scale * einsum('bhqk,bkhd->bqhd', ds, k32)
-    dk = dk + config.scale * einsum('bhqk,bqhd->bkhd', ds, q_b)
-    return (dk, dv), dq_b
+    p = jnp.where(rows(finite, 2)[..., None], jnp.exp(s - rows(lse, 2)[..., None]), 0.0)
+    ds = p * (einsum('bqhd,bkhd->bhqk', do_b, v_b) - rows(delta, 2)[..., None])
+    dq = add(dq, scale * einsum('bhqk,bkhd->bqhd', ds, k_b), q_start)
+    dk = add(dk, scale * einsum('bhqk,bqhd->bkhd', ds, q_b), k_start)
+    dv = add(dv, einsum('bhqk,bqhd->bkhd', p, do_b), k_start)
+    return (dq, dk, dv), None
 
-  zeros = jnp.zeros((batch, num_keys, heads, head_dim), jnp.float32)
-  xs = (jnp.arange(num_blocks), blocks(q, 1), blocks(do, 1), blocks(lse, 2), blocks(dlse, 2))
-  (dk, dv), dq = lax.scan(step, (zeros, zeros), xs)
-  dq = jnp.moveaxis(dq, 0, 1).reshape(batch, q_len, heads, head_dim)[:, :num_queries]
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  init = (jnp.zeros(q32.shape, jnp.float32), jnp.zeros(k32.shape, jnp.float32),
+          jnp.zeros(v32.shape, jnp.float32))
+  query_blocks, key_blocks = (jnp.asarray(x, jnp.int32) for x in zip(*pairs))
+  (dq, dk, dv), _ = lax.scan(step, init, (query_blocks, key_blocks))
+  return (dq[:, :num_queries].astype(q.dtype), dk[:, :num_keys].astype(k.dtype),
+          dv[:, :num_keys].astype(v.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -323,13 +328,13 @@ def _attention(q, k, v, key_valid, config):
 
 def _attention_fwd(q, k, v, key_valid, config):
   o, lse = _forward(q, k, v, key_valid, config)
-  return (o, lse), (q, k, v, key_valid, lse)
+  return (o, lse), (q, k, v, key_valid, o, lse)
 
 
 def _attention_bwd(config, residuals, cotangents):
-  q, k, v, key_valid, lse = residuals
+  q, k, v, key_valid, o, lse = residuals
   do, dlse = cotangents
-  dq, dk, dv = _backward(config, q, k, v, key_valid, lse, do, dlse)
+  dq, dk, dv = _backward(config, q, k, v, key_valid, o, lse, do, dlse)
   return dq, dk, dv, None
 
 
@@ -356,7 +361,7 @@ def flash_attention(q, k, v, *, key_valid=None, history_chunk_len=None, scale=No
   Returns:
     o [B, Tq, H, D] (rows that see no key are 0) and lse [B, H, Tq] fp32 (-inf there).
   """
-  target = resolve_target(target, interpret)
+  target = common.resolve_target(target, interpret, op='attention')
   batch, num_keys = k.shape[:2]
   if scale is None:
     scale = q.shape[-1]**-0.5

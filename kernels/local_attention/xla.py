@@ -1,25 +1,57 @@
+# Kept in one file (~400 lines): the dense and blocked forms of each pattern share the logits,
+# online-softmax and block helpers, and are read side by side.
 """Softmax attention for the ARL2 patterns in plain jnp: the XLA production path.
 
 - `chunk_local_attention`: bidirectional attention within each chunk (the intra branch).
 - `cached_chunk_attention`: one chunk attends to a K/V cache plus its own keys (sampling).
 - `teacher_forcing_attention`: [clean ; noisy] training forward of the softmax layers.
 
-The last two see two key sets (history, own chunk) under one softmax. They share
-`_two_key_set_attention`, which scores each set separately and normalises with a shared max,
-so no dense mask over the concatenated keys is ever built.
+The last two see two key sets (history, own chunk) under one softmax. Short key sets are
+scored at once by `_two_key_set_attention`, which scores each set separately and normalises
+with a shared max, so no dense mask over the concatenated keys is ever built. Long ones are
+swept in key blocks with an online softmax (`_online_start`, `_online_step`, `_block_start`),
+so the fp32 logits held at any time are O(queries x key block), whatever the video length:
+
+    m' = max(m, rowmax s) ;  l = exp(m - m') l + rowsum exp(s - m')
+    acc = exp(m - m') acc + exp(s - m') v ;  o = acc / l ;  lse = m + log l
+
+The teacher-forcing sweep has a flash-style `jax.custom_vjp`: the backward recomputes each key
+block's probabilities from the saved log-sum-exp, p = exp(s - lse), and
+
+    dv += p^T do ;  dp = do v^T ;  ds = p (dp - rowsum(do o))
+    dq += scale ds k ;  dk += scale ds^T q
+
+so neither pass stores more than one block of logits. It visits only the blocks the
+block-causal mask leaves non-empty (query chunk n: its own chunk and clean chunks < n).
 
 Logits are fp32 (HIGHEST precision, fp32 accumulation); outputs are in q.dtype.
-Shapes: B batch, H heads, D head dim, N chunks, L tokens per chunk, M cache slots.
+Shapes: B batch, H heads, D head dim, N chunks, L tokens per chunk, M cache slots; in the
+teacher-forcing sweep a leading copy axis C = 2 stacks the clean and noisy queries of a chunk.
 """
+
+from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
+# Keys per step of the blocked sweeps (None in `AttentionBlockSizes.xla_key_block` reads
+# these): the cache sweep's fp32 logits are [B, H, L, block] (2048 keys x 4680 queries x 12
+# heads = 0.46 GB at paper shapes), the teacher-forcing sweep's [B, 2, H, L, block].
+CACHE_KEY_BLOCK = 2048
+TEACHER_FORCING_KEY_BLOCK = 2048
+
 
 def _default_scale(q, scale):
   return q.shape[-1]**-0.5 if scale is None else scale
+
+
+def _check_key_block(key_block):
+  if not isinstance(key_block, int) or key_block < 1:
+    raise ValueError(f'{key_block=} must be a positive integer')
 
 
 def _logits(q, k, scale, mask):
@@ -33,6 +65,11 @@ def _weighted_values(p, v):
   """p [..., H, Q, Kn] (fp32), v [..., Kn, H, D] -> fp32 [..., Q, H, D]."""
   return jnp.einsum('...hqk,...khd->...qhd', p.astype(v.dtype), v, precision=_HIGHEST,
                     preferred_element_type=jnp.float32)
+
+
+def _rows(x):
+  """[..., H, Q] row statistics -> [..., Q, H, 1], to scale [..., Q, H, D] values."""
+  return jnp.swapaxes(x, -1, -2)[..., None]
 
 
 def _two_key_set_attention(q, k_a, v_a, mask_a, k_b, v_b, mask_b, scale):
@@ -57,7 +94,44 @@ def _two_key_set_attention(q, k_a, v_a, mask_a, k_b, v_b, mask_b, scale):
   p_b = jnp.exp(s_b - shift)
   denom = p_a.sum(axis=-1) + p_b.sum(axis=-1)  # [..., H, Q]
   numer = _weighted_values(p_a, v_a) + _weighted_values(p_b, v_b)
-  return numer / jnp.swapaxes(denom, -1, -2)[..., None]
+  return numer / _rows(denom)
+
+
+# ---------------------------------------------------------------------------------------------
+# The online-softmax pieces shared by the blocked sweeps.
+
+
+def _block_start(i, num_keys, block):
+  """Start of key block i (traced or static) of a sweep over `num_keys` keys in `block`s.
+
+  The last block is shifted back to end at `num_keys` (no padding copy of the keys); the
+  returned bool [block] mask is False for the keys an earlier block already scored.
+  """
+  start = jnp.minimum(i * block, num_keys - block)
+  return start, start + jnp.arange(block) >= i * block
+
+
+def _key_block(x, start, block):
+  """The `block` keys of x [..., Kn, H, D] from `start` on."""
+  return jax.lax.dynamic_slice_in_dim(x, start, block, axis=x.ndim - 3)
+
+
+def _online_start(q, k, v, scale):
+  """(m, l, acc) after keys every query sees (so the running max is finite)."""
+  s = _logits(q, k, scale, None)
+  m = jax.lax.stop_gradient(s.max(axis=-1))
+  p = jnp.exp(s - m[..., None])
+  return m, p.sum(axis=-1), _weighted_values(p, v)
+
+
+def _online_step(state, q, k, v, scale, mask):
+  """(m, l, acc) after one more key block k, v [..., block, H, D] under `mask`."""
+  m, l, acc = state
+  s = _logits(q, k, scale, mask)
+  m_new = jax.lax.stop_gradient(jnp.maximum(m, s.max(axis=-1)))
+  alpha = jnp.exp(m - m_new)
+  p = jnp.exp(s - m_new[..., None])
+  return m_new, alpha * l + p.sum(axis=-1), _rows(alpha) * acc + _weighted_values(p, v)
 
 
 def chunk_local_attention(q, k, v, *, scale=None):
@@ -73,11 +147,6 @@ def chunk_local_attention(q, k, v, *, scale=None):
   scale = _default_scale(q, scale)
   probs = jax.nn.softmax(_logits(q, k, scale, None), axis=-1)
   return _weighted_values(probs, v).astype(q.dtype)
-
-
-# Cache keys per step of the blocked cached attention: its fp32 logits are [B, H, L, block],
-# whatever the cache length (2048 keys x 4680 queries x 12 heads = 0.46 GB at paper shapes).
-CACHE_KEY_BLOCK = 2048
 
 
 def cached_chunk_attention(q, k, v, k_cache, v_cache, cache_valid, *, scale=None,
@@ -103,47 +172,29 @@ def cached_chunk_attention(q, k, v, k_cache, v_cache, cache_valid, *, scale=None
   scale = _default_scale(q, scale)
   cache_len = k_cache.shape[1]
   key_block = CACHE_KEY_BLOCK if key_block is None else key_block
-  if key_block < 1:
-    raise ValueError(f'{key_block=} must be positive')
+  _check_key_block(key_block)
   if cache_len <= key_block:
     cache_mask = cache_valid[..., None, None, :]  # [(B,) 1, 1, M] against [B, H, L, M]
     out = _two_key_set_attention(q, k_cache, v_cache, cache_mask, k, v, None, scale)
     return out.astype(q.dtype)
 
   # Start from the chunk's own keys: every query sees them, so the running max is finite.
-  s_own = _logits(q, k, scale, None)  # [B, H, L, L]
-  m = jax.lax.stop_gradient(s_own.max(axis=-1))  # [B, H, L]
-  p_own = jnp.exp(s_own - m[..., None])
-  init = (m, p_own.sum(axis=-1), _weighted_values(p_own, v))
-  num_blocks = -(-cache_len // key_block)
+  init = _online_start(q, k, v, scale)
   valid = jnp.broadcast_to(cache_valid, (q.shape[0], cache_len))
-
-  def update(state, start, mask):
-    m, l, acc = state
-    k_blk = jax.lax.dynamic_slice_in_dim(k_cache, start, key_block, axis=1)
-    v_blk = jax.lax.dynamic_slice_in_dim(v_cache, start, key_block, axis=1)
-    s = _logits(q, k_blk, scale, mask[:, None, None, :])  # [B, H, L, block]
-    m_new = jax.lax.stop_gradient(jnp.maximum(m, s.max(axis=-1)))
-    alpha = jnp.exp(m - m_new)
-    p = jnp.exp(s - m_new[..., None])
-    l = alpha * l + p.sum(axis=-1)
-    acc = jnp.swapaxes(alpha, -1, -2)[..., None] * acc + _weighted_values(p, v_blk)
-    return m_new, l, acc
 
   @jax.checkpoint
   def block(state, i):
-    # The last block is shifted back to end at the cache's end (no padding copy of the cache);
-    # keys an earlier block already scored are masked out. A block with no valid key (the
-    # unfilled part of a cache that grows by doubling) is skipped: the work follows the
-    # history, not the capacity.
-    start = jnp.minimum(i * key_block, cache_len - key_block)
-    pos = start + jnp.arange(key_block)
-    mask = jax.lax.dynamic_slice_in_dim(valid, start, key_block, axis=1) & (pos >= i * key_block)
-    state = jax.lax.cond(jnp.any(mask), lambda st: update(st, start, mask), lambda st: st, state)
-    return state, None
+    # A block with no valid key (the unfilled part of a cache that grows by doubling) is
+    # skipped: the work follows the history, not the capacity.
+    start, fresh = _block_start(i, cache_len, key_block)
+    mask = jax.lax.dynamic_slice_in_dim(valid, start, key_block, axis=1) & fresh
+    update = lambda st: _online_step(st, q, _key_block(k_cache, start, key_block),
+                                     _key_block(v_cache, start, key_block), scale,
+                                     mask[:, None, None, :])
+    return jax.lax.cond(jnp.any(mask), update, lambda st: st, state), None
 
-  (_, l, acc), _ = jax.lax.scan(block, init, jnp.arange(num_blocks))
-  return (acc / jnp.swapaxes(l, -1, -2)[..., None]).astype(q.dtype)
+  (_, l, acc), _ = jax.lax.scan(block, init, jnp.arange(-(-cache_len // key_block)))
+  return (acc / _rows(l)).astype(q.dtype)
 
 
 def _check_divisible(seq_len, num_chunks):
@@ -152,28 +203,44 @@ def _check_divisible(seq_len, num_chunks):
 
 
 def teacher_forcing_attention(q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noisy, *,
-                              num_chunks, scale=None):
+                              num_chunks, scale=None, key_block=None):
   """Teacher-forcing softmax attention over a clean and a noisy copy of N chunks.
 
   Clean chunk n attends to clean chunks <= n. Noisy chunk n attends to clean chunks < n and to
   noisy chunk n itself, under one softmax; noisy chunk 0 sees only itself.
 
-  Every chunk scores all N * L clean keys (the later ones masked), which is simple but about
-  twice the block-causal work; a blocked kernel can skip the masked blocks.
+  When the whole clean sequence fits in one key block (N * L <= key_block) every chunk scores
+  all N * L clean keys at once, the later ones masked (`_dense_teacher_forcing`: simple, fast
+  at small shapes, differentiated by autodiff). Longer sequences take the blocked sweep with
+  the flash-style custom VJP (`_blocked_teacher_forcing`), which visits only the key blocks
+  the block-causal mask leaves non-empty and keeps O(L x key_block) logits per pass.
 
   Args:
     q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noisy: [B, N * L, H, D].
     num_chunks: N.
     scale: logit scale; defaults to D**-0.5.
+    key_block: keys per block of the sweep (a positive int); None reads
+      `TEACHER_FORCING_KEY_BLOCK`.
 
   Returns:
     (o_clean, o_noisy), each [B, N * L, H, D] in q.dtype.
   """
-  batch, seq_len = q_clean.shape[:2]
+  seq_len = q_clean.shape[1]
   _check_divisible(seq_len, num_chunks)
-  chunk_len = seq_len // num_chunks
   scale = _default_scale(q_clean, scale)
+  key_block = TEACHER_FORCING_KEY_BLOCK if key_block is None else key_block
+  _check_key_block(key_block)
+  args = (q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noisy)
+  if seq_len <= key_block:
+    return _dense_teacher_forcing(*args, num_chunks=num_chunks, scale=scale)
+  return _blocked_teacher_forcing(*args, num_chunks, float(scale), key_block)
 
+
+def _dense_teacher_forcing(q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noisy, *,
+                           num_chunks, scale):
+  """Every chunk scores all N * L clean keys (the later ones masked) and its own chunk."""
+  batch, seq_len = q_clean.shape[:2]
+  chunk_len = seq_len // num_chunks
   chunks = lambda x: x.reshape(batch, num_chunks, chunk_len, *x.shape[2:])
   history_k, history_v = k_clean[:, None], v_clean[:, None]  # [B, 1, N*L, H, D]
   key_chunk = jnp.repeat(jnp.arange(num_chunks), chunk_len)
@@ -186,3 +253,143 @@ def teacher_forcing_attention(q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noi
     return out.reshape(q.shape).astype(q.dtype)
 
   return attend(q_clean, k_clean, v_clean), attend(q_noisy, k_noisy, v_noisy)
+
+
+# ---------------------------------------------------------------------------------------------
+# The blocked teacher-forcing sweep. Query chunk n stacks its clean and noisy queries on a
+# copy axis ([B, 2, L, H, D]). Each copy sees one contiguous range of key positions,
+# [0, (n + 1) L): the clean copy reads clean keys throughout, the noisy copy clean keys before
+# n L and its own noisy keys from n L on. One `lax.scan` walks a static schedule of
+# (query chunk n, key block i) pairs, blocks of min(key_block, L) keys over [0, (n + 1) L),
+# the last one shifted back to end there. So a block never covers a key the mask hides (the
+# blocks the mask empties are never formed), the loop is sequential by construction (the
+# chunks cannot be scheduled side by side), and the trip count is static (FLOP counts that
+# multiply a scan body by its length stay exact).
+
+
+def _schedule(num_chunks, chunk_len, key_block):
+  """The block size and the static (query chunk, key block) pairs of the sweep."""
+  block = min(key_block, chunk_len)
+  pairs = [(n, i) for n in range(num_chunks)
+           for i in range(-(-(n + 1) * chunk_len // block))]
+  chunk, index = zip(*pairs)
+  return block, jnp.asarray(chunk, jnp.int32), jnp.asarray(index, jnp.int32)
+
+
+def _chunk_of(x, n, chunk_len, axis=1):
+  """Chunk n (traced) of x along `axis`."""
+  return jax.lax.dynamic_slice_in_dim(x, n * chunk_len, chunk_len, axis=axis)
+
+
+def _copies(clean, noisy, n, chunk_len):
+  """Chunk n of both copies, [B, N * L, ...] -> [B, 2, L, ...]."""
+  return jnp.stack([_chunk_of(clean, n, chunk_len), _chunk_of(noisy, n, chunk_len)], axis=1)
+
+
+def _key_blocks(k_clean, k_noisy, v_clean, v_noisy, n, i, chunk_len, block):
+  """Key block i of query chunk n for both copies: k, v [B, 2, block, H, D], the mask of
+  the keys no earlier block scored, the block's start and where the noisy copy's own keys
+  (positions >= n L) are."""
+  start, fresh = _block_start(i, (n + 1) * chunk_len, block)
+  own = (start + jnp.arange(block) >= n * chunk_len)[:, None, None]   # [block, 1, 1]
+  blocks = []
+  for clean, noisy in ((k_clean, k_noisy), (v_clean, v_noisy)):
+    clean_blk = _key_block(clean, start, block)
+    noisy_blk = jnp.where(own, _key_block(noisy, start, block), clean_blk)
+    blocks.append(jnp.stack([clean_blk, noisy_blk], axis=1))
+  return (*blocks, fresh, start, own)
+
+
+def _blocked_forward(inputs, num_chunks, scale, key_block):
+  """((o_clean, o_noisy) in q.dtype, lse [B, 2, H, N * L] fp32) of the six inputs."""
+  q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noisy = inputs
+  batch, seq_len, heads, head_dim = q_clean.shape
+  chunk_len = seq_len // num_chunks
+  block, chunks, indices = _schedule(num_chunks, chunk_len, key_block)
+  rows = (batch, 2, heads, chunk_len)
+  # A fresh chunk starts from m = -inf: its first block sees position 0, so m turns finite.
+  init = (jnp.full(rows, -jnp.inf), jnp.zeros(rows),
+          jnp.zeros((batch, 2, chunk_len, heads, head_dim)))
+
+  def step(carry, xs):
+    state, o, lse = carry
+    n, i = xs
+    state = jax.tree.map(lambda a, b: jnp.where(i == 0, a, b), init, state)
+    k, v, fresh, _, _ = _key_blocks(k_clean, k_noisy, v_clean, v_noisy, n, i, chunk_len,
+                                    block)
+    state = _online_step(state, _copies(q_clean, q_noisy, n, chunk_len), k, v, scale, fresh)
+    m, l, acc = state
+    # Written after every block; the chunk's last block leaves the final values.
+    o = jax.lax.dynamic_update_slice_in_dim(o, (acc / _rows(l)).astype(o.dtype),
+                                            n * chunk_len, axis=2)
+    lse = jax.lax.dynamic_update_slice_in_dim(lse, m + jnp.log(l), n * chunk_len, axis=3)
+    return (state, o, lse), None
+
+  carry = (init, jnp.zeros((batch, 2, seq_len, heads, head_dim), q_clean.dtype),
+           jnp.zeros((batch, 2, heads, seq_len)))
+  (_, o, lse), _ = jax.lax.scan(step, carry, (chunks, indices))
+  return (o[:, 0], o[:, 1]), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _blocked_teacher_forcing(q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noisy,
+                             num_chunks, scale, key_block):
+  inputs = (q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noisy)
+  return _blocked_forward(inputs, num_chunks, scale, key_block)[0]
+
+
+def _blocked_fwd(q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noisy, num_chunks, scale,
+                 key_block):
+  inputs = (q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noisy)
+  outs, lse = _blocked_forward(inputs, num_chunks, scale, key_block)
+  return outs, (inputs, outs, lse)
+
+
+def _blocked_bwd(num_chunks, scale, key_block, residuals, cotangents):
+  """The flash-style backward: the forward's schedule again, p recomputed from the lse."""
+  inputs, (o_clean, o_noisy), lse = residuals
+  q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noisy = inputs
+  do_clean, do_noisy = (x.astype(q_clean.dtype) for x in cotangents)
+  seq_len = q_clean.shape[1]
+  chunk_len = seq_len // num_chunks
+  block, chunks, indices = _schedule(num_chunks, chunk_len, key_block)
+  f32 = lambda x: x.astype(jnp.float32)
+  mm = functools.partial(jnp.einsum, precision=_HIGHEST, preferred_element_type=jnp.float32)
+  # rowsum(p * dp) = do . o for every query, [B, 2, H, N * L].
+  delta = jnp.stack([jnp.sum(f32(do_clean) * f32(o_clean), axis=-1),
+                     jnp.sum(f32(do_noisy) * f32(o_noisy), axis=-1)], axis=1)
+  delta = jnp.swapaxes(delta, -1, -2)
+
+  def add(acc, x, start, axis):
+    return jax.lax.dynamic_update_slice_in_dim(
+        acc, jax.lax.dynamic_slice_in_dim(acc, start, x.shape[axis], axis=axis) + x, start,
+        axis=axis)
+
+  def step(grads, xs):
+    dq, dk_clean, dv_clean, dk_noisy, dv_noisy = grads
+    n, i = xs
+    q = _copies(q_clean, q_noisy, n, chunk_len)
+    do = _copies(do_clean, do_noisy, n, chunk_len)
+    k, v, fresh, start, own = _key_blocks(k_clean, k_noisy, v_clean, v_noisy, n, i,
+                                          chunk_len, block)
+    rows = lambda x: _chunk_of(x, n, chunk_len, axis=3)[..., None]    # [B, 2, H, L, 1]
+    p = jnp.exp(_logits(q, k, scale, fresh) - rows(lse))              # [B, 2, H, L, block]
+    ds = p * (mm('...qhd,...khd->...hqk', do, v) - rows(delta))
+    dq = add(dq, scale * mm('...hqk,...khd->...qhd', ds.astype(k.dtype), k), n * chunk_len,
+             axis=2)
+    dk = scale * mm('...hqk,...qhd->...khd', ds.astype(q.dtype), q)   # [B, 2, block, H, D]
+    dv = mm('...hqk,...qhd->...khd', p.astype(do.dtype), do)
+    # The noisy copy's terms go to the clean keys before n L and to its own keys after.
+    to_clean = lambda x: x[:, 0] + jnp.where(own, 0.0, x[:, 1])
+    to_noisy = lambda x: jnp.where(own, x[:, 1], 0.0)
+    return (dq, add(dk_clean, to_clean(dk), start, 1), add(dv_clean, to_clean(dv), start, 1),
+            add(dk_noisy, to_noisy(dk), start, 1), add(dv_noisy, to_noisy(dv), start, 1)), None
+
+  zeros = jnp.zeros(k_clean.shape, jnp.float32)
+  init = (jnp.zeros((q_clean.shape[0], 2, *q_clean.shape[1:]), jnp.float32),) + (zeros,) * 4
+  (dq, dk_clean, dv_clean, dk_noisy, dv_noisy), _ = jax.lax.scan(step, init, (chunks, indices))
+  grads = (dq[:, 0], dk_clean, dv_clean, dq[:, 1], dk_noisy, dv_noisy)
+  return tuple(g.astype(x.dtype) for g, x in zip(grads, inputs))
+
+
+_blocked_teacher_forcing.defvjp(_blocked_fwd, _blocked_bwd)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from kernels.gated_delta import api
-from kernels.gated_delta import chunk
 from kernels.gated_delta import reference
+from kernels.gated_delta import xla as chunk
 
 # Max relative error, max|a - b| / max|b|, against the fp32 oracle.
 TOLERANCES = {

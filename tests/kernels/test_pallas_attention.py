@@ -30,9 +30,10 @@ TOLERANCES = {
 B, N, L, H, D = 2, 3, 21, 2, 16
 M = 37  # cache slots
 # 16-token blocks; max_kv_per_call splits long key sets on the TPU layout; the backward works
-# 16 queries at a time, so it pads too.
+# on 16 x 16 (query, key) blocks, so it pads too and skips the key blocks the history mask
+# hides from a query block.
 SIZES = block_sizes_lib.AttentionBlockSizes(block_q=16, block_k=16, max_kv_per_call=32,
-                                            bwd_block_q=16)
+                                            bwd_block_q=16, bwd_block_k=16)
 
 
 def normals(seed, *shapes):
@@ -179,6 +180,34 @@ class TestFlashAttentionCore:
     np.testing.assert_array_equal(np.asarray(o)[:, :L], 0.0)
     ref_o = reference.attention_reference(q[:, L:], k, v, mask=mask[L:])
     assert_close(o[:, L:], ref_o, TOLERANCES['float32']['value'], 'o')
+
+  def test_hidden_key_blocks_are_skipped_forward_and_backward(self, mode):
+    """The history mask hides the last chunk from every query. With 32-token chunks (two
+    16-key blocks each) no block of the forward kernel's loop or of the backward's (query
+    block, key block) pairs covers it, so NaN keys and values there change no output and no
+    gradient. Masking alone would not do (0 * NaN = NaN in p v and in do v^T)."""
+    chunk_len = 32
+    q, k, v = normals(14, *[(B, N * chunk_len, H, D)] * 3)
+    fn = functools.partial(pallas_attention.flash_attention, history_chunk_len=chunk_len,
+                           block_sizes=SIZES, **mode)
+    rng = np.random.default_rng(15)
+    w_o = rng.standard_normal(q.shape).astype(np.float32)
+    w_lse = rng.standard_normal((B, H, N * chunk_len)).astype(np.float32)
+
+    def loss(q, k, v):
+      o, lse = fn(q, k, v)  # chunk 0 sees nothing: lse = -inf there
+      return jnp.sum(o * w_o) + jnp.sum(jnp.where(jnp.isfinite(lse), lse * w_lse, 0.0))
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    expected = value_and_grad(q, k, v)
+    hidden = slice((N - 1) * chunk_len, None)
+    k_bad, v_bad = k.copy(), v.copy()
+    k_bad[:, hidden] = np.nan
+    v_bad[:, hidden] = np.nan
+    actual = value_and_grad(q, k_bad, v_bad)
+    np.testing.assert_array_equal(actual[0], expected[0], err_msg='loss')
+    for name, a, e in zip(('dq', 'dk', 'dv'), actual[1], expected[1]):
+      np.testing.assert_array_equal(a, e, err_msg=name)
 
 
 class TestApi:

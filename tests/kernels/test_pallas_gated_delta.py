@@ -14,9 +14,9 @@ import pytest
 
 from kernels.gated_delta import api
 from kernels.gated_delta import block_sizes as block_sizes_lib
-from kernels.gated_delta import chunk
 from kernels.gated_delta import pallas_gated_delta
 from kernels.gated_delta import reference
+from kernels.gated_delta import xla as chunk
 from tests.kernels.pallas_modes import assert_close
 from tests.kernels.pallas_modes import MODES
 

@@ -30,6 +30,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels import common
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 _einsum = functools.partial(jnp.einsum, precision=_HIGHEST)
 
@@ -37,16 +39,6 @@ _einsum = functools.partial(jnp.einsum, precision=_HIGHEST)
 def _check_chunk_size(chunk_size):
   if not isinstance(chunk_size, int) or chunk_size <= 0:
     raise ValueError(f'{chunk_size=} must be a positive integer')
-
-
-def _pad_axis(x, axis, size):
-  """Zero-pads `x` along `axis` up to `size`."""
-  pad = size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths)
 
 
 def _to_subchunks(x, chunk_size):
@@ -191,9 +183,9 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, 
   if scale is None:
     scale = key_dim**-0.5
   out_dtype = v.dtype
-  padded_len = -(-seq_len // chunk_size) * chunk_size
+  padded_len = common.round_up(seq_len, chunk_size)
   q, k, v, g, beta = (
-      _to_subchunks(_pad_axis(x, 1, padded_len), chunk_size) for x in (q, k, v, g, beta))
+      _to_subchunks(common.pad_axis(x, 1, padded_len), chunk_size) for x in (q, k, v, g, beta))
 
   w, u0, k_to_end, chunk_decay, b, gamma = _write_terms(k, v, g, beta)
   q = scale * q
@@ -259,10 +251,10 @@ def chunk_arl2_memory(q, k, v, g, beta, *, initial_state=None, scale=None, chunk
   if scale is None:
     scale = key_dim**-0.5
   out_dtype = v.dtype
-  padded_len = -(-chunk_len // chunk_size) * chunk_size
+  padded_len = common.round_up(chunk_len, chunk_size)
 
   def flatten(x):
-    x = _pad_axis(x, 2, padded_len)
+    x = common.pad_axis(x, 2, padded_len)
     return _to_subchunks(x.reshape(batch, num_chunks * padded_len, *x.shape[3:]), chunk_size)
 
   k, v, g, beta = (flatten(x) for x in (k, v, g, beta))
