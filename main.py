@@ -7,6 +7,8 @@ compile (lower + compile the train and sampler steps for the mesh; print memory 
 User errors (bad config, flags, data, checkpoints, a non-finite loss) print one line and exit 1.
 """
 
+import importlib
+import os
 import sys
 
 from absl import app, flags, logging
@@ -17,7 +19,12 @@ FLAGS = flags.FLAGS
 
 def _fail(message: str):
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(1)
+  sys.stderr.flush()
+  sys.stdout.flush()
+  # os._exit: the checkpoint library's background threads would otherwise print "Event loop is
+  # closed" tracebacks at interpreter exit. Every save has finished by now (the training loop
+  # waits for saves in flight before an error propagates).
+  os._exit(1)
 
 
 def _unknown_field(e: Exception, argv) -> str:
@@ -33,15 +40,7 @@ except (AttributeError, KeyError) as e:
   _fail(_unknown_field(e, sys.argv))
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and videos.")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "convert", "benchmark", "eval",
-                                   "compile"], "What to run.")
-flags.DEFINE_integer("num_frames", None, "--mode=sample: frames to stream (default: "
-                     "config.sampler.num_frames).")
-flags.DEFINE_integer("checkpoint_step", None, "--mode=sample: checkpoint step (default: latest).")
-flags.DEFINE_integer("benchmark_chunks", None, "--mode=benchmark: chunks per policy (default: "
-                     "config.benchmark.num_chunks, the paper's horizon).")
-flags.DEFINE_string("eval_workdirs", None, "--mode=eval: [LABEL=]WORKDIR[+FIELD=VALUE...],... "
-                    "checkpoints compared side by side (default: --workdir).")
-flags.DEFINE_bool("progress", True, "Show progress bars.")
+                                   "compile", "serve", "import"], "What to run (see MODES).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize (multi-host). With no "
                   "coordinator flags, JAX reads the cluster from the environment (TPU pods, "
                   "SLURM, Open MPI).")
@@ -51,39 +50,51 @@ flags.DEFINE_integer("process_id", None, "--distributed: index of this process."
 flags.mark_flags_as_required(["workdir"])
 
 
+# --mode -> (driver module, function): imported on dispatch, so `--help` and flag errors stay fast.
+MODES = {
+    "train": ("hybrid_video.modes.train", "train_main"),
+    "sample": ("hybrid_video.modes.sample", "sample_main"),
+    "convert": ("hybrid_video.modes.convert", "convert_main"),
+    "benchmark": ("hybrid_video.modes.benchmark", "benchmark_main"),
+    "eval": ("hybrid_video.modes.evaluate", "evaluate_main"),
+    "compile": ("hybrid_video.modes.compile", "compile_main"),
+    "serve": ("hybrid_video.modes.serve", "serve_main"),
+    "import": ("hybrid_video.modes.import_weights", "import_main"),
+}
+
+
 def run(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS["verbosity"].present:  # keep library INFO chatter (orbax, tfds) out of the way
     logging.set_verbosity(logging.WARNING)
+  from hybrid_video import config_checks  # pylint: disable=g-import-not-at-top
+  config = _load_config()
+  config_checks.check_config(config)
+  config_checks.check_workdir(FLAGS.workdir)
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   logging.info("JAX %s, %d process(es), devices: %s", jax.__version__, jax.process_count(),
                jax.devices())
-  config = FLAGS.config
-  if FLAGS.mode == "train":
-    from hybrid_video.train import train_main  # pylint: disable=g-import-not-at-top
-    train_main(config, FLAGS.workdir, progress=FLAGS.progress)
-  elif FLAGS.mode == "sample":
-    from hybrid_video.sample import sample_main  # pylint: disable=g-import-not-at-top
-    sample_main(config, FLAGS.workdir, num_frames=FLAGS.num_frames,
-                checkpoint_step=FLAGS.checkpoint_step, progress=FLAGS.progress)
-  elif FLAGS.mode == "convert":
-    from hybrid_video.convert import convert_main  # pylint: disable=g-import-not-at-top
-    convert_main(config, FLAGS.workdir, progress=FLAGS.progress)
-  elif FLAGS.mode == "benchmark":
-    from hybrid_video.benchmark import benchmark_main  # pylint: disable=g-import-not-at-top
-    benchmark_main(config, FLAGS.workdir, num_chunks=FLAGS.benchmark_chunks,
-                   progress=FLAGS.progress)
-  elif FLAGS.mode == "compile":
-    from hybrid_video.aot import compile_main  # pylint: disable=g-import-not-at-top
-    compile_main(config, FLAGS.workdir)
-  elif FLAGS.mode == "eval":
-    from hybrid_video.evaluate import evaluate_main  # pylint: disable=g-import-not-at-top
-    evaluate_main(config, FLAGS.workdir, eval_workdirs=FLAGS.eval_workdirs,
-                  checkpoint_step=FLAGS.checkpoint_step, progress=FLAGS.progress)
+  module, function = MODES[FLAGS.mode]
+  # Fields given on the command line: drivers that take a checkpoint's own model config apply
+  # the ones a checkpoint allows and refuse the rest (instead of ignoring them silently).
+  overrides = dict(config_flags.get_override_values(FLAGS["config"]))
+  getattr(importlib.import_module(module), function)(config, FLAGS.workdir, overrides=overrides)
+
+
+def _load_config():
+  """The --config file, loaded now (ml_collections loads it lazily): one line if it fails."""
+  try:
+    config = FLAGS.config
+    config.keys()
+    return config
+  except Exception as e:  # pylint: disable=broad-except  # the config file's own errors
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    detail = lines[-1] if lines else type(e).__name__
+    _fail(f"cannot load --config={FLAGS['config'].serialize().split('=', 1)[-1]}: {detail}")
 
 
 def parse_flags(argv):

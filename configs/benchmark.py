@@ -18,7 +18,7 @@ Variants (`--config=configs/benchmark.py:VARIANT`):
 
 The model weights are a fresh initialisation: timing and memory do not depend on them.
 Every policy runs on the same backbone (width, depth, tokens per chunk); they differ only in the
-attention of each layer (see hybrid_video/benchmark.py for the policy list).
+attention of each layer (see hybrid_video/modes/benchmark.py for the policy list).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from configs import default
 
 def benchmark_config() -> ml_collections.ConfigDict:
   b = ml_collections.ConfigDict()
-  b.num_chunks = 77            # chunks streamed per policy (--benchmark_chunks overrides);
+  b.num_chunks = 77            # chunks streamed per policy (was the --benchmark_chunks flag);
   #                              77 = the paper's 231 latent frames / 3 frames per chunk
   b.policies = ("softmax_full", "softmax_window", "arl2_50", "arl2_75", "arl2_100")  # policies
-  #                              to run; names in hybrid_video/benchmark.py POLICIES
+  #                              to run; names in hybrid_video/modes/benchmark.py POLICIES
   b.reference = "softmax_full"  # policy the speed-up and memory reduction are measured against
   b.candidate = "arl2_75"      # policy compared with the reference (the paper's 75% hybrid)
   b.sink_chunks = 1            # softmax_window: sink chunks always kept

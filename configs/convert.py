@@ -1,4 +1,5 @@
-"""Converting a trained all-softmax model into an ARL2 hybrid (hybrid_video/convert.py).
+"""Converting a trained all-softmax model into an ARL2 hybrid (hybrid_video/conversion/; the
+driver is hybrid_video/modes/convert.py).
 
 The whole recipe on CPU (Moving Digits: teacher, stage 1, stage 2, merge, long video; about
 9 minutes on 2 cores, every phase time-bounded):
@@ -80,6 +81,10 @@ def convert_config() -> ml_collections.ConfigDict:
   c.lora.mlp = True            # LoRA on the hybrid layers' MLP linears (merged at export)
   c.lora.memory = True         # LoRA on the memory branch's q, k, v (kept as a memory-only
   #                              low-rank delta at export: it cannot merge into the shared W_q)
+  c.lora.init = "authors"      # A's init: "authors" (the ARL2 release: Kaiming-uniform on
+  #                              [dim, rank], bound 1/sqrt(rank)) or "peft" (PEFT/torch Linear:
+  #                              bound 1/sqrt(in_features), this project's earlier default);
+  #                              B starts at zero in both
   c.stage1 = stage_config(num_steps=120, learning_rate=1e-2, max_minutes=2.5)  # alignment
   c.stage2 = stage_config(num_steps=100, learning_rate=1e-3, batch_size=4,     # distillation
                           max_minutes=3.0)
@@ -87,9 +92,14 @@ def convert_config() -> ml_collections.ConfigDict:
   c.stage2.rollout = ml_collections.ConfigDict()
   c.stage2.rollout.num_chunks = 6     # chunks the student generates per rollout
   c.stage2.rollout.grad_chunks = 2    # last chunks with a loss and gradients (truncated BPTT)
-  c.stage2.rollout.sink_chunks = 1    # softmax K/V caches during rollouts: first chunks kept ...
-  c.stage2.rollout.window_chunks = 2  # ... plus this many recent ones; 0 = unbounded (memory
-  #                                     then grows with num_chunks)
+  c.stage2.rollout.sink_chunks = 1    # the STUDENT's softmax K/V caches during rollouts: first
+  c.stage2.rollout.window_chunks = 2  # chunks kept plus this many recent ones; 0 = unbounded
+  #                                     (memory then grows with num_chunks)
+  c.stage2.rollout.bound_teacher = False  # also bound the frozen teacher's caches so. Off by
+  #                                     default: the teacher is the unchanged original (method
+  #                                     doc §6). On, late chunks are matched to a windowed model
+  #                                     that is not the original; it saves the teacher's K/V
+  #                                     beyond sink + window chunks (num_chunks - 3 chunks here)
   c.eval = ml_collections.ConfigDict()
   c.eval.num_clips = 32        # test clips for the PSNR comparison; 0 = skip
   c.eval.context_frames = 4    # ground-truth frames written before generation starts

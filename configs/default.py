@@ -109,10 +109,26 @@ def sampler_config() -> ml_collections.ConfigDict:
   #                              few_step; 1 = uniform Euler steps)
   s.num_steps = 16             # euler: number of steps (model passes per chunk)
   s.clip_x0 = True             # clip each denoised chunk to [-1, 1] (pixel-space models)
-  s.num_frames = 64            # frames to stream in --mode=sample and by the main job
+  s.num_frames = 64            # frames to stream in --mode=sample and by the main job (was
+  #                              the --num_frames flag)
   #                              (64 = 8x the 8-frame training clips)
   s.cache_chunks = 8           # initial K/V cache slots; grows by doubling when unbounded
   s.seed = 0                   # sampling seed
+  # Resumable streams (--mode=sample): <workdir>/samples/<output>.stream/ holds the stream
+  # checkpoints and the video segments; rerunning the same command resumes after a kill.
+  s.output = placeholder(str)  # video name in <workdir>/samples (no .mp4); None:
+  #                              sample_step_<step>_<N>f, a fork: <parent>_fork<chunk>_seed<seed>
+  s.checkpoint_every = 16      # chunks between stream checkpoints (and one at the end); 0 = off
+  s.keep_stream_checkpoints = 3  # stream checkpoints kept (the last K); 0 = all (each one
+  #                              stays forkable)
+  s.resume_chunk = placeholder(int)  # resume from this saved chunk instead of the latest;
+  #                              newer checkpoints are moved to <output>.stream/discarded/
+  s.fork_from = placeholder(str)  # start a new stream from another one's saved chunk: its
+  #                              name in <workdir>/samples, or the path of its .mp4 or .stream
+  s.fork_chunk = placeholder(int)  # the parent's saved chunk k to fork from (the fork keeps
+  #                              its first k chunks and draws the rest with `seed`); None = latest
+  s.use_mesh = False           # --mode=sample: shard parameters and carry over `mesh`
+  #                              (False: one device)
   return s
 
 
@@ -132,6 +148,8 @@ def data_config() -> ml_collections.ConfigDict:
 def train_config() -> ml_collections.ConfigDict:
   t = ml_collections.ConfigDict()
   t.batch_size = 8             # global batch size
+  t.grad_accum_steps = 1       # micro-batches per step (gradients averaged; the batch must
+  #                              divide); holds one micro-batch's activations at a time
   t.num_steps = 3200           # optimizer steps (the run also stops at max_minutes); the
   #                              cosine decay spans num_steps, so size it to the time budget
   t.max_minutes = 8.5          # wall-clock bound on training, minutes; 0 = no bound
@@ -147,7 +165,8 @@ def train_config() -> ml_collections.ConfigDict:
   t.log_every = 20             # steps between metric writes
   t.checkpoint_every = 500     # steps between checkpoints (and one at the end)
   t.keep_checkpoints = 3       # checkpoints kept on disk
-  t.resume_step = placeholder(int)  # restore this step instead of the latest
+  t.resume_step = placeholder(int)  # restore this step instead of the latest (training), or
+  #                              the checkpoint --mode=sample/eval read (was --checkpoint_step)
   t.sample_every = 0           # steps between sample videos; 0 = only the final video
   t.sample_frames = 32         # frames in the periodic sample videos
   t.final_sample = True        # stream sampler.num_frames frames after training (the main job)
@@ -155,7 +174,7 @@ def train_config() -> ml_collections.ConfigDict:
 
 
 def eval_config() -> ml_collections.ConfigDict:
-  """--mode=eval (hybrid_video/evaluate.py): long-horizon continuation of test clips."""
+  """--mode=eval (hybrid_video/modes/evaluate.py): long-horizon continuation of test clips."""
   e = ml_collections.ConfigDict()
   e.context_frames = 4         # k: ground-truth frames fed by context passes (whole chunks)
   e.num_frames = 80            # M: frames generated after them (80 = 10x the 8-frame clips)
@@ -166,6 +185,8 @@ def eval_config() -> ml_collections.ConfigDict:
   e.ink_threshold = 0.25       # a crop / search area whose max is below this holds no digit
   e.psnr_cap = 100.0           # PSNR of identical frames (dB)
   e.seed = 0                   # sampling noise seed (the same for every checkpoint)
+  e.workdirs = placeholder(str)  # [LABEL=]WORKDIR[+FIELD=VALUE...],... checkpoints compared
+  #                              side by side (default: --workdir); was the --eval_workdirs flag
   return e
 
 
@@ -175,6 +196,31 @@ def compile_config() -> ml_collections.ConfigDict:
   a.cond_tokens = 16           # --mode=compile: conditioning tokens for model.cond="embeddings"
   a.sample_batch = 1           # --mode=compile: batch of the sampler step
   return a
+
+
+def serve_config() -> ml_collections.ConfigDict:
+  """--mode=serve (hybrid_video/modes/serve.py): the local page that streams a video as it is made."""
+  v = ml_collections.ConfigDict()
+  v.host = "127.0.0.1"         # bind address; anything but loopback lets whoever reaches it run
+  #                              the model (there is no login): add the name to allowed_hosts
+  v.port = 8000                # TCP port of the page
+  v.allowed_hosts = ("127.0.0.1", "localhost")  # Host headers answered (DNS-rebinding guard);
+  #                              () answers any
+  v.max_queue = 4              # viewers that may wait behind the running generation; the next
+  #                              one is told the queue is full
+  v.max_frames = 512           # longest video one request may ask for, frames
+  v.max_seconds = 300.0        # wall-clock bound on one generation, seconds (it stops there
+  #                              and frees the accelerator for the queue); 0 = none
+  v.max_prompt_chars = 512     # longest prompt accepted (text-conditioned models)
+  v.fps = 8.0                  # the video's frame rate: turns a length in seconds into frames,
+  #                              and the saved mp4's rate (the page shows frames as they come)
+  v.image_format = "jpeg"      # frames on the wire: "jpeg" (small) or "png" (lossless)
+  v.jpeg_quality = 90          # JPEG quality, 1..95
+  v.viewer_buffer = 8          # frames held for a viewer that reads slower than the model
+  #                              makes them; the oldest are dropped, the model never waits
+  v.warmup = True              # compile every cache capacity up to max_frames before serving,
+  #                              so no viewer waits for the compiler
+  return v
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -188,8 +234,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = data_config()
   c.train = train_config()
   c.eval = eval_config()
+  c.serve = serve_config()
   c.video_fps = 8              # frame rate of written mp4 files
   c.video_upscale = 4          # nearest-neighbour upscale of written mp4 frames
+  c.progress = True            # show progress bars (was the --progress flag)
   variant = arg or "arl2"
   if variant == "arl2":
     pass

@@ -1,9 +1,7 @@
-"""Frame metrics for the long-horizon evaluation (numpy; frames in [0, 1]).
+"""Moving-Digits ground truth and digit metrics for the long-horizon evaluation (numpy; frames
+in [0, 1]). Generic frame metrics (PSNR, SSIM) are in hybrid_video/video_metrics.py.
 
-- `psnr`: 10 log10(1 / MSE) per frame, capped (identical frames give the cap, not inf).
-- `ssim`: Wang et al. (2004) with an 11x11 Gaussian window (sigma 1.5; shrunk to the frame when
-  the frame is smaller), C1 = (0.01 L)^2, C2 = (0.03 L)^2, L = 1, over the 'valid' window
-  positions (as the reference MATLAB ssim.m), averaged over positions and channels.
+- `ground_truth`: test clips re-rendered for any length, with each digit's position and image.
 - `DigitClassifier`: an RBF SVM on upsampled digit crops of the bundled sklearn digits' TRAIN
   split (moving_digits.split_source_indices), trained with +-1 pixel shifts; every crop is
   scaled to max 1 first, so dim generated digits are read like bright ones. A crop with no ink
@@ -16,48 +14,45 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
 
-
-def psnr(a: np.ndarray, b: np.ndarray, *, cap: float = 100.0) -> np.ndarray:
-  """PSNR in dB of frames [..., H, W, C] in [0, 1]; returns [...], at most `cap`."""
-  mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2, axis=(-3, -2, -1))
-  with np.errstate(divide="ignore"):
-    out = 10.0 * np.log10(1.0 / mse)
-  return np.minimum(out, cap)
+from data import moving_digits
 
 
-def _gaussian_matrix(n: int, win: int, sigma: float) -> np.ndarray:
-  """[n - win + 1, n] matrix applying a normalised 1-D Gaussian window at each valid position."""
-  x = np.arange(win, dtype=np.float64) - (win - 1) / 2.0
-  w = np.exp(-0.5 * (x / sigma) ** 2)
-  w /= w.sum()
-  m = np.zeros((n - win + 1, n))
-  for i in range(n - win + 1):
-    m[i, i:i + win] = w
-  return m
+@dataclasses.dataclass
+class GroundTruth:
+  video: np.ndarray        # uint8 [V, T, H, W, 1]
+  top_left: np.ndarray     # int [V, T, n, 2], where each digit is drawn
+  labels: np.ndarray       # int [V, n]
+  templates: np.ndarray    # float [V, n, s, s] in [0, 1], each digit's image
+  clip_frames: int         # length of the stored (training) clips
+  digit_size: int
+  interpolation: str
+
+  @property
+  def frames01(self) -> np.ndarray:
+    return self.video.astype(np.float32) / 255.0
 
 
-def ssim(a: np.ndarray, b: np.ndarray, *, win: int = 11, sigma: float = 1.5, k1: float = 0.01,
-         k2: float = 0.03, data_range: float = 1.0) -> np.ndarray:
-  """Mean SSIM of frames [..., H, W, C] in [0, data_range]; returns [...]."""
-  a = np.asarray(a, np.float64)
-  b = np.asarray(b, np.float64)
-  h, w = a.shape[-3:-1]
-  win = min(win, h, w)
-  win -= 1 - win % 2  # odd
-  gh, gw = _gaussian_matrix(h, win, sigma), _gaussian_matrix(w, win, sigma)
-  filt = lambda x: np.einsum("ih,...hwc,jw->...ijc", gh, x, gw, optimize=True)
-  mu_a, mu_b = filt(a), filt(b)
-  var_a = filt(a * a) - mu_a ** 2
-  var_b = filt(b * b) - mu_b ** 2
-  cov = filt(a * b) - mu_a * mu_b
-  c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-  s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)
-       / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)))
-  return s.mean(axis=(-3, -2, -1))
+def ground_truth(source, dcfg, num_videos: int, total_frames: int) -> GroundTruth:
+  """The first `num_videos` clips of a split `source`, re-rendered for `total_frames` frames.
+  dcfg: the moving_digits config the clips were made with."""
+  videos, tops, labels, templates = [], [], [], []
+  for i in range(num_videos):
+    ex = source[i]
+    video, positions = moving_digits.regenerate_clip(ex, total_frames, dcfg)
+    videos.append(video)
+    tops.append(moving_digits.pixel_positions(positions, dcfg.canvas_size, dcfg.digit_size))
+    labels.append(np.asarray(ex["labels"], np.int64))
+    templates.append(moving_digits.digit_images_for(ex["source_index"], dcfg.digit_size,
+                                                    dcfg.interpolation))
+  return GroundTruth(video=np.stack(videos), top_left=np.stack(tops), labels=np.stack(labels),
+                     templates=np.stack(templates).astype(np.float32) / 255.0,
+                     clip_frames=int(dcfg.num_frames), digit_size=int(dcfg.digit_size),
+                     interpolation=dcfg.interpolation)
 
 
 def crops(frames: np.ndarray, top_left: np.ndarray, size: int) -> np.ndarray:
@@ -121,7 +116,6 @@ class DigitClassifier:
   def __init__(self, digit_size: int, interpolation: str = "bilinear", *,
                ink_threshold: float = 0.25, seed: int = 0):
     from sklearn.svm import SVC  # pylint: disable=g-import-not-at-top
-    from data import moving_digits  # pylint: disable=g-import-not-at-top
     self.digit_size = int(digit_size)
     self.ink_threshold = float(ink_threshold)
     images, labels, _ = moving_digits.load_digit_images("train", self.digit_size, interpolation)
@@ -151,7 +145,6 @@ class DigitClassifier:
     return out.reshape(lead)
 
   def accuracy(self, split: str, interpolation: str = "bilinear") -> float:
-    from data import moving_digits  # pylint: disable=g-import-not-at-top
     images, labels, _ = moving_digits.load_digit_images(split, self.digit_size, interpolation)
     return float(np.mean(self.predict(images.astype(np.float32) / 255.0) == labels))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -20,6 +21,7 @@ from hybrid_video.errors import CheckpointError
 COMPATIBILITY_SECTIONS = ("model",)
 # Fields inside those sections that may change between runs (back-ends, not shapes).
 FREE_FIELDS = {"model.attention_impl", "model.memory_impl", "model.kernel_interpret",
+               "model.lora.init",
                "model.gdn_chunk_size",
                "model.memory.read", "model.memory.write_during_denoising", "model.remat",
                "model.kv_cache.sink_chunks", "model.kv_cache.window_chunks", "model.dtype"}
@@ -63,8 +65,11 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int = 3):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "config"))
+    # Handlers named up front, so metadata can be read before anything is restored.
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -87,6 +92,28 @@ class Checkpointer:
       return dict(restored["config"])
     except Exception as e:  # orbax raises many types for damaged files
       raise CheckpointError(self._unreadable(step, e)) from None
+
+  def saved_dtypes(self, step: int) -> dict[str, Any]:
+    """{"params/blocks/0/ffn/fc1/kernel": dtype, ...}: the saved state's leaves, from the
+    checkpoint's metadata (nothing is read)."""
+    try:
+      tree = self.manager.item_metadata(step)["state"].tree
+    except Exception as e:  # orbax raises many types for damaged files
+      raise CheckpointError(self._unreadable(step, e)) from None
+    flat = {}
+
+    def walk(node, prefix):
+      if isinstance(node, dict):
+        for k, v in node.items():
+          walk(v, f"{prefix}{k}/")
+      elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+          walk(v, f"{prefix}{i}/")
+      else:
+        flat[prefix[:-1]] = getattr(node, "dtype", None)
+
+    walk(tree, "")
+    return flat
 
   def check_compatible(self, step: int, config) -> None:
     diffs = config_differences(self.saved_config(step), config_to_json(config))
@@ -115,7 +142,9 @@ class Checkpointer:
     older = [s for s in self.all_steps() if s < step]
     hint = (f" Older checkpoints are kept: resume from one with "
             f"--config.train.resume_step={older[-1]}." if older else "")
-    msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    # TensorStore's messages embed object reprs with addresses: keep only what a user can read.
+    msg = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<...>", msg)[:200]
     return (f"checkpoint at step {step} in {self.directory} is unreadable or corrupt "
             f"({type(e).__name__}: {msg}); nothing was deleted.{hint}")
 

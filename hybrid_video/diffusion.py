@@ -1,4 +1,4 @@
-"""Flow matching: noise schedule, training loss and the per-chunk sampler step.
+"""Flow matching: noise schedule, noising, the training loss and the per-chunk sampler step.
 
 x_t = (1 - t) x0 + t eps, the model predicts the velocity eps - x0 (Wan), so
 x0_hat = x_t - t * v. Noise levels t are in [0, 1]; the paper's timesteps are t * 1000.
@@ -6,14 +6,14 @@ x0_hat = x_t - t * v. Noise levels t are in [0, 1]; the paper's timesteps are t 
 
 from __future__ import annotations
 
-from hybrid_video.errors import UserError
-
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from hybrid_video.errors import UserError
 
 
 def shift_time(t, shift: float):
@@ -42,6 +42,38 @@ def add_noise(x0, eps, t):
   """x_t for per-chunk noise levels. x0, eps [B, T, ...]; t [B, T] (per frame)."""
   t = t.reshape(*t.shape, *([1] * (x0.ndim - t.ndim)))
   return (1.0 - t) * x0 + t * eps
+
+
+def sample_chunk_times(key, batch: int, num_chunks: int, tcfg) -> jax.Array:
+  """Per-chunk noise levels t [B, N] = sigmoid(N(mean, std)) (logit-normal)."""
+  z = tcfg.t_logit_mean + tcfg.t_logit_std * jax.random.normal(key, (batch, num_chunks))
+  return jax.nn.sigmoid(z)
+
+
+def noisy_inputs(x0, key, frames_per_chunk: int, tcfg):
+  """x_t, per-chunk noise levels t [B, N] (the training distribution) and eps, for x0 [B, T, ...]."""
+  b, frames = x0.shape[:2]
+  k_t, k_eps = jax.random.split(key)
+  t = sample_chunk_times(k_t, b, frames // frames_per_chunk, tcfg)
+  eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+  return add_noise(x0, eps, jnp.repeat(t, frames_per_chunk, axis=1)), t, eps
+
+
+def velocity_loss(model, batch, noisy) -> jax.Array:
+  """MSE of the predicted velocity against eps - x0 on the noisy half of the teacher-forcing
+  input [clean ; noisy]. noisy = (x_t, t, eps) from `noisy_inputs`."""
+  x0 = batch["video"]
+  x_t, t, eps = noisy
+  cond = batch["cond"] if "cond" in batch else batch.get("labels")  # embeddings or labels
+  pred = model.teacher_forcing(x0, x_t, t, cond)
+  return jnp.mean(jnp.square(pred.astype(jnp.float32) - (eps - x0)))
+
+
+def flow_matching_loss(model, batch, key, tcfg):
+  """The flow-matching loss of one batch: noise drawn with `key`, then `velocity_loss`.
+  batch["video"] [B, T, H, W, C]; batch["labels"] or batch["cond"]."""
+  return velocity_loss(model, batch, noisy_inputs(batch["video"], key, model.frames_per_chunk,
+                                                  tcfg))
 
 
 def sample_chunk_fn(graphdef, scfg, chunk_shape, trace_counter: list | None = None) -> Callable:

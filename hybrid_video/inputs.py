@@ -1,7 +1,10 @@
-"""Config -> training batches. Batch k is a pure function of (seed, k), so a resumed run sees
+"""Config -> data: training batches, evaluation splits, and the frame size a data source gives.
+
+Training batches: Batch k is a pure function of (seed, k), so a resumed run sees
 exactly the batches an uninterrupted run would have seen.
 
-Each process reads only its own slice of the records (per-process batch = global / processes).
+Global batch k is the same for any number of processes; each process reads only its own slice
+of it (per-process batch = global / processes).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-from data import pipeline
+from data import moving_digits, pipeline, video_folder
 from data.errors import DataError
 from hybrid_video.errors import UserError
 
@@ -30,27 +33,32 @@ class TrainInputs:
     """Clear errors when clips and model disagree (channels, patch size, chunk size)."""
     model.check_video((1, *self.example_shape), what="training clips")
 
-  def _dataset(self):
+  def _order(self):
+    """Global batches of record indices: batch k is a pure function of (seed, k), the same for
+    any number of processes."""
     import grain  # pylint: disable=g-import-not-at-top
-    pc, pi = jax.process_count(), jax.process_index()
+    pc = jax.process_count()
     if self.batch_size % pc:
       raise UserError(f"train.batch_size={self.batch_size} is not divisible by the "
                       f"{pc} processes")
-    start, stop = pipeline.shard_range(len(self.source), pi, pc)
-    per_process = self.batch_size // pc
-    if stop - start < per_process:
-      raise UserError(f"the {stop - start} training clips of this process are fewer than one "
-                      f"batch of {per_process}")
-    ds = grain.MapDataset.source(self.source)[start:stop]
-    return ds.shuffle(seed=self.seed).repeat().batch(per_process, drop_remainder=True)
+    if len(self.source) < self.batch_size:
+      raise UserError(f"the {len(self.source)} training clips are fewer than one batch of "
+                      f"{self.batch_size}")
+    order = grain.MapDataset.range(len(self.source)).shuffle(seed=self.seed).repeat()
+    return order.batch(self.batch_size, drop_remainder=True)
 
   def iterator(self, start_step: int = 0) -> Iterator[dict]:
-    """Model-ready batches from `start_step` on: video float32 in [-1, 1], labels int32."""
-    ds = self._dataset()
+    """This process's slice of global batch k, for k from `start_step` on: video float32 in
+    [-1, 1], labels int32. Each process reads only its own records; the global batch does not
+    depend on the number of processes."""
+    order = self._order()
+    per_process = self.batch_size // jax.process_count()
+    mine = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
     keys = ("video", "labels") if self.use_labels else ("video",)
     for k in itertools.count(start_step):
-      raw = ds[k]
-      batch = pipeline.to_model_inputs({key: raw[key] for key in keys})
+      records = [self.source[int(i)] for i in np.asarray(order[k])[mine]]
+      raw = {key: np.stack([np.asarray(r[key]) for r in records]) for key in keys}
+      batch = pipeline.to_model_inputs(raw)
       yield {key: batch[key] for key in keys}
 
 
@@ -59,12 +67,10 @@ def _builder(config):
   tfds.disable_progress_bar()  # our own progress bars are enough
   d = config.data
   if d.source == "moving_digits":
-    from data import moving_digits  # pylint: disable=g-import-not-at-top
     return moving_digits.prepare(d.config, d.dir)
   if d.source == "video_folder":
     if not d.folder:
       raise UserError("data.source='video_folder' needs --config.data.folder=PATH")
-    from data import video_folder  # pylint: disable=g-import-not-at-top
     h, w = d.frame_size
     return video_folder.prepare(d.folder, d.dir, num_frames=d.num_frames, height=h, width=w,
                                 fps=d.fps, channels=d.channels)
@@ -93,3 +99,11 @@ def make_split_source(config, split: str):
     return pipeline.get_source(_builder(config), split)
   except DataError as e:
     raise UserError(str(e)) from None
+
+
+def frame_hw(config) -> tuple[int, int]:
+  """Frame size (H, W) the model generates: the training data's frame size."""
+  if config.data.source == "moving_digits":
+    c = moving_digits.get_config(config.data.config)
+    return c.canvas_size, c.canvas_size
+  return tuple(int(s) for s in config.data.frame_size)

@@ -17,12 +17,15 @@ import copy
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from hybrid_video import checkpoint as ckpt_lib
 from hybrid_video.errors import CheckpointError, UserError
-from hybrid_video.model import CausalDiT
+from hybrid_video.nn.model import CausalDiT, ShapeOnlyRngs
+from hybrid_video.optim import make_optimizer
+from hybrid_video.train_state import abstract_train_state
 
 
 def _deep_update(base: dict, new: Mapping) -> dict:
@@ -63,14 +66,42 @@ def checkpoint_config(config, saved: Mapping, model_overrides: Mapping[str, Any]
   return ml_collections.ConfigDict(out)
 
 
+def command_line_model_overrides(cli_overrides: Mapping[str, Any] | None, saved: Mapping,
+                                 where: str) -> dict[str, Any]:
+  """The `model.*` fields given on the command line that a checkpoint's model can take (back-ends,
+  ablation switches, cache bounds: FREE_FIELDS), without their 'model.' prefix. A field that would
+  change the checkpoint's model is refused with one line naming the checkpoint's value, instead
+  of being ignored."""
+  out = {}
+  saved_model = saved.get("model", {})
+  for dotted, value in (cli_overrides or {}).items():
+    if not dotted.startswith("model."):
+      continue
+    if dotted in ckpt_lib.FREE_FIELDS:
+      out[dotted[len("model."):]] = value
+      continue
+    node: Any = saved_model
+    for part in dotted.split(".")[1:]:
+      node = node.get(part, "<absent>") if isinstance(node, Mapping) else "<absent>"
+    if isinstance(node, list):
+      node = tuple(node)
+    if node != (tuple(value) if isinstance(value, list) else value):
+      raise UserError(f"--config.{dotted}={value!r} cannot apply: the checkpoint in {where} was "
+                      f"trained with {dotted}={node!r}; only back-end and ablation fields "
+                      f"({', '.join(sorted(ckpt_lib.FREE_FIELDS))}) can change after training")
+  return out
+
+
 def load_model(config, workdir: str, step: int | None = None, *,
                model_overrides: Mapping[str, Any] | None = None,
+               cli_overrides: Mapping[str, Any] | None = None,
                ema: bool = True) -> tuple[CausalDiT, ml_collections.ConfigDict, int]:
   """Restore the (EMA) parameters of `workdir`'s checkpoint `step` (default: latest).
 
+  cli_overrides: the command line's `--config.*` values (main.py passes them): `model.*` ones
+  apply where the checkpoint allows and are refused otherwise (command_line_model_overrides).
   Returns (model, config, step); config as described in the module docstring.
   """
-  from hybrid_video import train as train_lib  # pylint: disable=g-import-not-at-top
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=int(config.train.keep_checkpoints))
   try:
     if step is None:
@@ -79,23 +110,41 @@ def load_model(config, workdir: str, step: int | None = None, *,
       raise CheckpointError(f"no checkpoint in {checkpointer.directory}; train first with "
                             f"--mode=train --workdir={workdir}")
     saved = checkpointer.saved_config(step)
+    model_overrides = {**command_line_model_overrides(cli_overrides, saved, workdir),
+                       **(model_overrides or {})}
     config = checkpoint_config(config, saved, model_overrides)
-    # The optimizer state's structure comes from the train config the checkpoint was saved with.
-    tcfg = ml_collections.ConfigDict(_deep_update(config.train.to_dict(), saved.get("train", {})))
-    abstract_model, abstract = train_lib.abstract_train_state(config.model,
-                                                              train_lib.make_optimizer(tcfg))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    saved_dtypes = checkpointer.saved_dtypes(step)
+    if any(k.startswith("ema/") for k in saved_dtypes):  # a training checkpoint
+      # The optimizer state's structure comes from the train config the checkpoint was saved
+      # with.
+      tcfg = ml_collections.ConfigDict(_deep_update(config.train.to_dict(),
+                                                    saved.get("train", {})))
+      abstract_model, abstract = abstract_train_state(config.model, make_optimizer(tcfg))
+      part = "ema" if ema else "params"
+    else:  # parameters only (--mode=import): restored in the dtypes they were stored in
+      abstract_model = nnx.eval_shape(lambda: CausalDiT(config.model, rngs=ShapeOnlyRngs()))
+      abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32),
+                  "params": nnx.state(abstract_model, nnx.Param)}
+      part = "params"
     # Plain single-device arrays, as a freshly built model has: restored with the training
     # mesh's sharding, the jitted steps' outputs would differ in sharding from a fresh carry and
     # retrace once. Callers that shard (the sampler's mesh) place the parameters themselves.
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            abstract)
+    abstract = jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.ShapeDtypeStruct(
+            x.shape, saved_dtypes.get(_path_name(path)) or x.dtype, sharding=device), abstract)
     state, step = checkpointer.restore(abstract, step)
   finally:
     checkpointer.close()
   graphdef, _ = nnx.split(abstract_model)
-  model = nnx.merge(graphdef, state["ema" if ema else "params"])
+  model = nnx.merge(graphdef, state[part])
   return model, config, int(step)
+
+
+def _path_name(path) -> str:
+  """'params/blocks/0/ffn/fc1/kernel' for a tree path (as Checkpointer.saved_dtypes names it)."""
+  parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+  return "/".join(p for p in parts if p != "value")
 
 
 def parse_override_value(text: str) -> Any:

@@ -8,13 +8,15 @@ axes (hybrid_video/axes.py) map to mesh axes only through `config.mesh.rules`:
 A dimension whose size the mesh axes do not divide stays replicated, and a mesh axis is used at
 most once per array; `tests/golden/param_specs_tiny.json` pins the resulting specs.
 Activations are constrained at block boundaries through `constrain`, active only inside
-`activation_sharding(mesh, rules)`, so single-device code paths are untouched.
+`activation_sharding(mesh, rules)`: that sets the mesh with `jax.set_mesh` (so it is part of
+jit's cache key) and the logical-axis rules with flax's `nnx.logical_axis_rules`; `constrain` and
+the kernel calls read both through the public getters. Outside it, single-device code paths are
+untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 import re
 from typing import Any, Sequence
@@ -22,7 +24,9 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from absl import logging
-import optax
+from flax import nnx
+from flax.core import spmd
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hybrid_video import axes as ax
@@ -180,15 +184,6 @@ def named(mesh: Mesh, specs):
                       is_leaf=lambda s: isinstance(s, P))
 
 
-def train_state_specs(abstract_state, tx, rules: dict, mesh: Mesh):
-  """Specs for {"step", "params", "opt_state", "ema"}: optimizer moments follow the params."""
-  p_specs = param_specs(abstract_state["params"], rules, mesh)
-  opt_specs = optax.tree_map_params(
-      tx, lambda _, spec: spec, abstract_state["opt_state"], p_specs,
-      transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
-  return {"step": P(), "params": p_specs, "opt_state": opt_specs, "ema": p_specs}
-
-
 def carry_specs(carry, rules: dict, mesh: Mesh):
   """GDN states over (batch, heads); K/V caches over (batch, cache tokens, heads)."""
   def spec(path, x):
@@ -204,37 +199,73 @@ def batch_spec(rules: dict, mesh: Mesh, shape) -> P:
 
 # -- activation constraints ----------------------------------------------------------------------
 
-_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("activation_sharding", default=None)
-
 
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh | None, rules: dict | None = None):
-  """Within this context, `constrain` applies sharding constraints (at trace time)."""
-  token = _ACTIVE.set(None if mesh is None else (mesh, rules or dict(DEFAULT_RULES)))
-  try:
+  """Set `mesh` (jax.set_mesh) and the logical-axis `rules` (nnx.logical_axis_rules) for the
+  jitted calls made inside: `constrain` and the kernel calls then shard. With mesh None this is a
+  no-op, and the model runs unconstrained."""
+  if mesh is None:
     yield
-  finally:
-    _ACTIVE.reset(token)
+    return
+  rules = rules or dict(DEFAULT_RULES)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules.items())):
+    yield
 
 
-def active() -> tuple[Mesh, dict] | None:
-  """(mesh, rules) inside `activation_sharding(mesh, ...)`; None outside or with mesh None."""
-  return _ACTIVE.get()
+def active() -> tuple[Any, dict] | None:
+  """(mesh, rules) set by `activation_sharding`, read through JAX's and flax's public getters;
+  None when no mesh is set. The mesh is the abstract mesh while tracing."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return None
+  rules = spmd.get_logical_axis_rules()
+  return mesh, (dict(rules) if rules else dict(DEFAULT_RULES))
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
-  active = _ACTIVE.get()
-  if active is None:
+  current = active()
+  if current is None:
     return x
-  mesh, rules = active
-  spec = logical_to_spec(logical, rules, mesh, x.shape)
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  mesh, rules = current
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, rules, mesh, x.shape))
 
 
 def describe_specs(specs) -> dict[str, str]:
   """{"blocks/0/self_attn/q/kernel": "PartitionSpec('fsdp', 'tensor')", ...} (golden files)."""
   flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda s: isinstance(s, P))[0]
   return {_path_str(path): str(spec) for path, spec in flat}
+
+
+# -- host <-> global arrays (one process or several) ------------------------------------------
+
+
+def put(tree, shardings):
+  """Place a tree of host or single-device values (each process holds the full value) onto
+  `shardings`. One process: jax.device_put. Several: each process builds only its own shards
+  (jax.device_put cannot target devices another process owns)."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def one(x, sharding):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      data = np.asarray(jax.random.key_data(x))
+      impl = jax.random.key_impl(x)
+      out = jax.make_array_from_callback(data.shape, sharding, lambda idx: data[idx])
+      return jax.random.wrap_key_data(out, impl=impl)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.device_put(x, sharding)  # already global: a reshard
+    value = np.asarray(x)
+    return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
+  return jax.tree.map(one, tree, shardings)
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly multi-process sharded) array as one numpy array on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
 
 
 def host_to_global(batch: dict, mesh: Mesh, rules: dict) -> dict:

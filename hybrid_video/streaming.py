@@ -1,4 +1,4 @@
-"""The per-chunk jitted functions of streaming, driven from the host.
+"""The one streaming core: per-chunk jitted functions driven from the host, and the video loop.
 
 `ChunkRunner` holds, for one model, sampler config and chunk shape:
 
@@ -10,8 +10,8 @@
 
 The carry is donated to both. Unbounded softmax caches double when full (`reserve`), so each
 capacity compiles once; `capacities(num_chunks)` lists them so callers can warm them up.
-`StreamingSampler` (hybrid_video/sample.py) adds the whole-video loop; the benchmark drives
-chunks itself to interleave policies, the evaluations feed true frames first.
+`StreamingSampler` adds the whole-video loop and `write_video` streams it into an mp4; the
+benchmark drives chunks itself to interleave policies, the evaluations feed true frames first.
 
 With a mesh the parameters and carry are sharded (GDN states over heads, K/V caches over heads
 and context) and generate is jitted with explicit in/out shardings per capacity.
@@ -19,18 +19,23 @@ and context) and generate is jitted with explicit in/out shardings per capacity.
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
 
 from hybrid_video import sharding as sharding_lib
 from hybrid_video.diffusion import sample_chunk_fn
-from hybrid_video.flop_count import matmul_flops
-from hybrid_video.model import CausalDiT, Carry, grow_carry
+from hybrid_video.errors import UserError
+from hybrid_video.nn.model import CausalDiT, Carry, carry_bytes, grow_carry
+from hybrid_video.video_io import Mp4Writer, to_uint8
 
 
 class ChunkRunner:
@@ -49,7 +54,7 @@ class ChunkRunner:
     self.chunk_shape = (self.batch, model.frames_per_chunk, *self.frame_hw, model.out_channels)
     self.graphdef, self.state = nnx.split(model)
     if mesh is not None:
-      self.state = jax.device_put(self.state, sharding_lib.named(
+      self.state = sharding_lib.put(self.state, sharding_lib.named(
           mesh, sharding_lib.param_specs(self.state, self.rules, mesh)))
     self.generate_traces: list = []
     self.feed_traces: list = []
@@ -95,7 +100,7 @@ class ChunkRunner:
     return sharding_lib.named(self.mesh, sharding_lib.carry_specs(carry, self.rules, self.mesh))
 
   def _place(self, carry):
-    return carry if self.mesh is None else jax.device_put(carry, self._carry_shardings(carry))
+    return carry if self.mesh is None else sharding_lib.put(carry, self._carry_shardings(carry))
 
   def init_carry(self, capacity: int | None = None) -> Carry:
     cap = self.initial_capacity() if capacity is None else capacity
@@ -114,19 +119,21 @@ class ChunkRunner:
   def embed(self, cond) -> jax.Array:
     """Conditioning tokens [B, M, dim] for `cond` (labels [B, M], embeddings or None)."""
     if self.mesh is not None and cond is not None:
-      cond = jax.device_put(cond, NamedSharding(self.mesh, P()))
+      cond = sharding_lib.put(cond, NamedSharding(self.mesh, P()))
     return self._embed(self.state, cond)
 
   def prepare(self, seed: int, cond=None):
     """(key, context) for a stream, placed on the mesh (replicated) when there is one."""
     key = jax.random.key(seed)
     if self.mesh is not None:
-      key = jax.device_put(key, NamedSharding(self.mesh, P()))
+      key = sharding_lib.put(key, NamedSharding(self.mesh, P()))
     return key, self.embed(cond)
 
   # -- the jitted steps --------------------------------------------------------------------------
 
-  def _generate_jit(self, carry) -> Callable:
+  def generate_jit(self, carry) -> Callable:
+    """The plain jitted step for this carry's capacity (callers that trace or lower it, e.g.
+    the benchmark's analyses, enter `sharding.activation_sharding` themselves)."""
     capacity = carry["slot_chunk"].shape[0]
     if capacity not in self._generate_jits:
       if self.mesh is None:
@@ -147,7 +154,7 @@ class ChunkRunner:
     (built once per capacity: this is the per-chunk hot path)."""
     capacity = carry["slot_chunk"].shape[0]
     if capacity not in self._steps:
-      jitted, mesh, rules = self._generate_jit(carry), self.mesh, self.rules
+      jitted, mesh, rules = self.generate_jit(carry), self.mesh, self.rules
 
       def step(state, carry, key, context):
         with sharding_lib.activation_sharding(mesh, rules):
@@ -182,45 +189,145 @@ class ChunkRunner:
         on_chunk()
     for j in range(num_chunks):
       carry, x0 = self.generate(self.reserve(carry, fed + j), key, context)
-      out.append(np.asarray(x0))
+      out.append(sharding_lib.to_host(x0))
       if on_chunk is not None:
         on_chunk()
     return np.concatenate(out, axis=1)
 
-  def generate_analysis(self, carry: Carry, key, context) -> tuple[dict, dict]:
-    """(memory, cost) of the generate executable for this carry's shapes: XLA's memory and
-    cost analyses, plus `matmul_flops` counted from the traced step with every loop trip
-    (hybrid_video/flop_count.py; XLA's `flops` counts a loop body once).
 
-    Traces and compiles on the first call for a shape; the jitted call reuses both.
+# -- whole videos ------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamStats:
+  num_frames: int = 0
+  num_chunks: int = 0
+  compiles: int = 0
+  carry_bytes: list[int] = field(default_factory=list)   # after each chunk
+  chunk_seconds: list[float] = field(default_factory=list)
+  wall_seconds: float = 0.0
+  labels: list | None = None                             # conditioning labels, if any
+
+
+def check_num_frames(num_frames) -> int:
+  if not isinstance(num_frames, (int, np.integer)) or num_frames <= 0:
+    raise UserError(f"num_frames={num_frames!r} must be a positive integer")
+  return int(num_frames)
+
+
+class StreamingSampler(ChunkRunner):
+  """A ChunkRunner that streams whole videos: the compiled per-chunk step for one model,
+  sampler config and chunk shape (mesh/rules: see ChunkRunner)."""
+
+  def stream(self, num_frames: int, cond=None, *, seed: int = 0,
+             on_frames: Callable[[np.ndarray], None] | None = None,
+             progress: bool = True) -> StreamStats:
+    """Generate `num_frames` frames chunk by chunk; on_frames gets float [B, F', H, W, C] each chunk."""
+    num_frames = check_num_frames(num_frames)
+    f = self.model.frames_per_chunk
+    num_chunks = math.ceil(num_frames / f)
+    key, context = self.prepare(seed, cond)
+    carry = self.init_carry()
+    stats = StreamStats(num_frames=num_frames, num_chunks=num_chunks)
+    start = time.perf_counter()
+    bar = tqdm(total=num_frames, unit="frame", disable=not progress, desc="sampling")
+    for n in range(num_chunks):
+      carry = self.reserve(carry, n)
+      t0 = time.perf_counter()
+      carry, frames = self.generate(carry, key, context)
+      frames = sharding_lib.to_host(frames)[:, :num_frames - n * f]  # blocks until it is done
+      stats.chunk_seconds.append(time.perf_counter() - t0)
+      stats.carry_bytes.append(carry_bytes(carry))
+      if on_frames is not None:
+        on_frames(frames)
+      bar.update(frames.shape[1])
+      elapsed = time.perf_counter() - start
+      bar.set_postfix(fps=f"{bar.n / max(elapsed, 1e-9):.1f}",
+                      carry=f"{stats.carry_bytes[-1] / 2**20:.2f}MiB")
+    bar.close()
+    stats.wall_seconds = time.perf_counter() - start
+    stats.compiles = self.compiles
+    return stats
+
+  def chunks(self, carry: Carry, key, context,
+             num_chunks: int) -> Iterator[tuple[int, Carry, jax.Array]]:
+    """Drive a stream from `carry` (fresh, or restored at any chunk index) up to `num_chunks`
+    chunks: yields (n, carry after chunk n, frames [B, F, H, W, C] of chunk n, on device).
+
+    The yielded carry is donated to the next step: save or copy it before advancing. Resuming
+    from a carry saved after chunk n with the same key continues the stream bit for bit (the
+    noise of chunk n is fold_in(key, carry["chunk"])).
     """
-    with sharding_lib.activation_sharding(self.mesh, self.rules):
-      traced = self._generate_jit(carry).trace(self.state, carry, key, context)
-      compiled = traced.lower().compile()
-    cost = cost_analysis_dict(compiled)
-    cost["matmul_flops"] = matmul_flops(traced.jaxpr)
-    return memory_analysis_dict(compiled.memory_analysis()), cost
+    for n in range(int(carry["chunk"]), num_chunks):
+      carry, frames = self.generate(self.reserve(carry, n), key, context)
+      yield n, carry, frames
 
 
-def cost_analysis_dict(compiled) -> dict[str, float]:
-  """flops, transcendentals and bytes accessed that XLA counts for one call ({} if unknown)."""
+def sample_labels(num_classes: int, batch: int, seed: int) -> np.ndarray:
+  """Random digit labels [B, 1] (one digit per clip by default)."""
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, num_classes, size=(batch, 1)).astype(np.int32)
+
+
+def write_video(model: CausalDiT, config, path: str, *, frame_hw, num_frames: int,
+                use_labels: bool, progress: bool = True, batch: int = 1, mesh=None,
+                rules=None) -> StreamStats:
+  """Stream `num_frames` frames of the first sample in the batch into an mp4 at `path`, written
+  chunk by chunk as they arrive (by process 0). frame_hw: the frame size the model generates
+  (`inputs.frame_hw(config)`). mesh/rules: see ChunkRunner (needed when the parameters span
+  several processes)."""
+  num_frames = check_num_frames(num_frames)
+  sampler = StreamingSampler(model, config.sampler, batch=batch, frame_hw=frame_hw, mesh=mesh,
+                             rules=rules)
+  cond = (jnp.asarray(sample_labels(config.model.num_classes, batch, config.sampler.seed))
+          if use_labels else None)
+  writer = Mp4Writer(path, fps=config.video_fps, upscale=config.video_upscale) \
+      if jax.process_index() == 0 else None
   try:
-    cost = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except  # not every back-end implements it
-    return {}
-  if isinstance(cost, (list, tuple)):  # older jax: one dict per device
-    cost = cost[0] if cost else {}
-  return {k.replace(" ", "_"): float(cost[k]) for k in ("flops", "transcendentals",
-                                                        "bytes accessed") if k in (cost or {})}
+    stats = sampler.stream(num_frames, cond, seed=config.sampler.seed, progress=progress,
+                           on_frames=(lambda f: writer.write(to_uint8(f[0]))) if writer else None)
+  finally:
+    if writer is not None:
+      writer.close()
+  if cond is not None:
+    stats.labels = np.asarray(cond).tolist()
+  return stats
 
 
-def memory_analysis_dict(stats) -> dict[str, int]:
-  """Byte counts of a CompiledMemoryStats; `footprint` = arguments + outputs - aliased + temps,
-  the executable's peak of live buffers (parameters, carry, activations)."""
-  if stats is None:
-    return {}
-  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-            "temp_size_in_bytes", "generated_code_size_in_bytes")
-  out = {f.replace("_size_in_bytes", ""): int(getattr(stats, f, 0) or 0) for f in fields}
-  out["footprint"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-  return out
+def report(path: str, stats: StreamStats, clip_frames: int | None = None):
+  """Print a video's summary line (frames, chunks, speed, carry, compiles, label)."""
+  longer = f" ({stats.num_frames / clip_frames:.0f}x the training clips)" if clip_frames else ""
+  print(f"video: {path}\n  {stats.num_frames} frames{longer}, {stats.num_chunks} chunks, "
+        f"{stats.num_frames / max(stats.wall_seconds, 1e-9):.1f} frames/s, "
+        f"carry {stats.carry_bytes[-1]} bytes, {stats.compiles} compile(s)")
+  if stats.labels:
+    print(f"  conditioned on digit label {stats.labels[0][0]} (sampler.seed picks it)")
+
+
+def continue_clips(runner: ChunkRunner, videos: np.ndarray, labels: np.ndarray | None, *,
+                   context_frames: int, num_frames: int, seed: int,
+                   on_chunk: Callable[[], None] | None = None) -> np.ndarray:
+  """The one clip continuation: feed the first `context_frames` true frames of each clip by
+  context passes, then generate `num_frames` more.
+
+  videos float [V, T, H, W, C] in [-1, 1]; labels int [V, M] or None. Clips go through in batches
+  of runner.batch (the last padded with repeats); the batch that starts at clip s samples with
+  key(seed + s). Returns float [V, num_frames, H, W, C] in [-1, 1].
+  """
+  f = runner.model.frames_per_chunk
+  if context_frames <= 0 or context_frames % f:
+    raise UserError(f"context_frames={context_frames} must be a positive multiple of the "
+                    f"model's frames_per_chunk={f}")
+  gen_chunks = math.ceil(num_frames / f)
+  b, num_videos = runner.batch, videos.shape[0]
+  out = np.zeros((num_videos, gen_chunks * f, *videos.shape[2:4], runner.chunk_shape[-1]),
+                 np.float32)
+  for start in range(0, num_videos, b):
+    idx = np.arange(start, start + b) % num_videos  # the last batch is padded with repeats
+    cond = None if labels is None else jnp.asarray(labels[idx], jnp.int32)
+    gen = runner.continue_from(np.asarray(videos[idx][:, :context_frames], np.float32),
+                               gen_chunks, jax.random.key(seed + start), runner.embed(cond),
+                               on_chunk=on_chunk)
+    keep = min(b, num_videos - start)
+    out[start:start + keep] = gen[:keep]
+  return out[:, :num_frames]

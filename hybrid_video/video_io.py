@@ -19,7 +19,10 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
 class Mp4Writer:
   """Writes [H, W, 3] uint8 frames to an H.264 mp4, optionally upscaled by an integer factor.
 
-  Frame sizes are padded to even numbers (yuv420p needs them).
+  Frame sizes are padded to even numbers (yuv420p needs them). Encoding is causal
+  (x264 `zerolatency`: no B-frames, no lookahead), so each frame's pixels depend only on the
+  frames before it: a stream that diverges at frame k (a prompt switch, a fork) decodes to the
+  same pixels before k, and frames can be flushed as they arrive.
   """
 
   def __init__(self, path: str, fps: int = 8, upscale: int = 1):
@@ -37,7 +40,7 @@ class Mp4Writer:
     self._stream.width, self._stream.height = w + w % 2, h + h % 2
     self._stream.pix_fmt = "yuv420p"
     if codec == "libx264":
-      self._stream.options = {"crf": "18", "preset": "veryfast"}
+      self._stream.options = {"crf": "18", "preset": "veryfast", "tune": "zerolatency"}
 
   def write(self, frames: np.ndarray):
     """frames uint8 [T, H, W, 3]."""

@@ -21,4 +21,4 @@ time "$PY" main.py --mode=train --config=configs/default.py:softmax \
     --workdir="$RUN_DIR/teacher" "${TEACHER_FLAGS[@]}"
 time "$PY" main.py --mode=convert --config=configs/convert.py \
     --config.convert.teacher_workdir="$RUN_DIR/teacher" --workdir="$RUN_DIR/student" "$@"
-time "$PY" main.py --mode=sample --workdir="$RUN_DIR/student" --num_frames=128
+time "$PY" main.py --mode=sample --workdir="$RUN_DIR/student" --config.sampler.num_frames=128

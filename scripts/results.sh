@@ -23,7 +23,7 @@ VIDEOS=${EVAL_VIDEOS:-16}
 DOCS=${DOCS-docs/results}
 export OPENBLAS_NUM_THREADS=1
 
-COMMON=(--config.data.dir="$OUT/tfds" --progress=false)
+COMMON=(--config.data.dir="$OUT/tfds" --config.progress=false)
 # num_steps ~ what 2 cores manage in MINUTES (~6.5 steps/s for ARL2-75%), so the cosine decay
 # completes; the time bound stops slower models (softmax, hybrid100) first.
 STEPS=${TRAIN_STEPS:-$(python3 -c "print(int(float('$MINUTES') * 60 * 6.2))")}
@@ -48,13 +48,13 @@ train arl2_75_token_read arl2 --config.model.memory.read=token
 echo "== eval"
 "$PY" main.py --mode=eval --workdir="$OUT" "${COMMON[@]}" \
   --config.eval.num_videos="$VIDEOS" --config.eval.batch_size="$VIDEOS" \
-  --eval_workdirs="softmax=$OUT/softmax,arl2_75=$OUT/arl2_75,arl2_100=$OUT/arl2_100,\
+  --config.eval.workdirs="softmax=$OUT/softmax,arl2_75=$OUT/arl2_75,arl2_100=$OUT/arl2_100,\
 arl2_75_write_during_denoising=$OUT/arl2_75+memory.write_during_denoising=true,\
 arl2_75_token_read=$OUT/arl2_75_token_read" | tee "$OUT/eval_table.txt"
 
 if [[ "${WITH_BENCHMARK:-0}" == 1 ]]; then
   echo "== benchmark"
-  "$PY" main.py --mode=benchmark --config=configs/benchmark.py --workdir="$OUT" --progress=false \
+  "$PY" main.py --mode=benchmark --config=configs/benchmark.py --workdir="$OUT" --config.progress=false \
     | tee "$OUT/benchmark_table.txt"
 fi
 

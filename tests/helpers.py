@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from configs.default import get_config
-from hybrid_video.model import CausalDiT
+from hybrid_video.nn.model import CausalDiT
 
 
 def tiny_model_config(ratio: float = 0.75, *, layers=None, frames_per_chunk: int = 2,
@@ -33,8 +33,10 @@ def perturbed(model: CausalDiT, scale: float = 0.3, seed: int = 0) -> CausalDiT:
   model no longer hide a wrong branch."""
   state = nnx.state(model, nnx.Param)
   leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  leaves = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+  # numpy noise: eager jax.random would compile once per parameter shape (seconds each on CPU).
+  rng = np.random.default_rng(seed)
+  leaves = [jnp.asarray(np.asarray(x) + scale * rng.standard_normal(x.shape), x.dtype)
+            for x in leaves]
   nnx.update(model, jax.tree.unflatten(treedef, leaves))
   return model
 

@@ -11,6 +11,7 @@ import pytest
 
 from configs.default import get_config
 from hybrid_video import train as train_lib
+from hybrid_video.modes import train as train_mode
 from hybrid_video.video_io import read_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +26,7 @@ def smoke_config(data_dir, **train):
 
 
 def run_main(*args, timeout=300):
-  return subprocess.run([sys.executable, "main.py", "--progress=false", *args], cwd=ROOT,
+  return subprocess.run([sys.executable, "main.py", "--config.progress=false", *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=timeout)
 
 
@@ -39,7 +40,7 @@ def trained(tmp_path_factory, data_dir):
   """A smoke workdir with checkpoints at steps 2 and 4."""
   workdir = str(tmp_path_factory.mktemp("trained"))
   cfg = smoke_config(data_dir, num_steps=4, checkpoint_every=2, final_sample=False)
-  summary = train_lib.train_main(cfg, workdir, progress=False)
+  summary = train_mode.train_main(cfg, workdir)
   assert summary["step"] == 4
   return workdir, cfg
 
@@ -79,7 +80,7 @@ def test_smoke_main_job_end_to_end(tmp_path, data_dir):
   assert events
   # --mode=sample restores the latest checkpoint and streams a chosen length.
   r = run_main("--mode=sample", "--config=configs/default.py:smoke", f"--workdir={workdir}",
-               f"--config.data.dir={data_dir}", "--num_frames=9")
+               f"--config.data.dir={data_dir}", "--config.sampler.num_frames=9")
   assert r.returncode == 0, r.stderr[-3000:]
   assert read_video(os.path.join(workdir, "samples", "sample_step_0000030_9f.mp4")).shape[0] == 9
 
@@ -148,3 +149,53 @@ def test_error_non_finite_loss_names_step(tmp_path, data_dir):
                f"--config.data.dir={data_dir}", "--config.train.learning_rate=1e30",
                "--config.train.warmup_steps=0", "--config.train.grad_clip=1e30")
   _assert_one_line_error(r, "non-finite loss", "at step")
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--config=configs/no_such_config.py"], ["cannot load --config", "no_such_config.py"]),
+    (["--config.model.dtype=float16"], ["model.dtype='float16'", "'bfloat16'"]),
+    (["--config.sampler.kind=ddim"], ["sampler.kind", "'euler'"]),
+    (["--config.train.batch_size=0"], ["train.batch_size=0", "positive integer"]),
+    (["--config.model.attention_impl=cuda"], ["model.attention_impl", "'pallas'"]),
+], ids=["missing-config", "dtype", "sampler-kind", "batch-size", "attention-impl"])
+def test_error_bad_config_value_before_anything_runs(tmp_path, args, fragments):
+  workdir = tmp_path / "w"
+  _assert_one_line_error(run_main(f"--workdir={workdir}", *args), *fragments)
+  assert not workdir.exists()  # nothing was created
+
+
+def test_error_workdir_is_a_file(tmp_path):
+  path = tmp_path / "a_file"
+  path.write_text("keep me")
+  _assert_one_line_error(run_main(f"--workdir={path}"), "not a directory")
+  assert path.read_text() == "keep me"
+
+
+def test_sample_refuses_model_override_naming_checkpoint_value(trained, data_dir):
+  workdir, _ = trained
+  before = sorted(os.listdir(workdir))
+  r = run_main("--mode=sample", "--config=configs/default.py:smoke", f"--workdir={workdir}",
+               f"--config.data.dir={data_dir}", "--config.model.dim=64")
+  _assert_one_line_error(r, "--config.model.dim=64", "trained with model.dim=48")
+  assert sorted(os.listdir(workdir)) == before
+
+
+@pytest.mark.slow
+def test_sample_is_bit_reproducible_across_processes(tmp_path, trained, data_dir):
+  """Two processes running the same --mode=sample command at the same time write the same
+  pixels (issue: the first chunks used to differ between runs)."""
+  workdirs = [str(tmp_path / name) for name in ("a", "b")]
+  for w in workdirs:
+    shutil.copytree(trained[0], w)
+  procs = [subprocess.Popen(
+      [sys.executable, "main.py", "--config.progress=false", "--mode=sample",
+       "--config=configs/default.py:smoke", f"--workdir={w}", f"--config.data.dir={data_dir}",
+       "--config.sampler.num_steps=16", "--config.sampler.num_frames=24"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in workdirs]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  videos = [read_video(os.path.join(w, "samples", "sample_step_0000004_24f.mp4"))
+            for w in workdirs]
+  assert videos[0].shape[0] == 24
+  np.testing.assert_array_equal(videos[0], videos[1])

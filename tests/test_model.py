@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hybrid_video.embeddings import rope_angles, rope_bands
-from hybrid_video.model import CausalDiT, resolve_hybrid_layers
+from hybrid_video.nn.embeddings import rope_angles, rope_bands
+from hybrid_video.nn.hybrid_attention import HybridAttention
+from hybrid_video.nn.model import CausalDiT, resolve_hybrid_layers
 from kernels.gated_delta.reference import naive_recurrent_gated_delta_rule
 from kernels.local_attention.reference import attention_reference
 from tests.helpers import rel_err, tiny_model, tiny_model_config
@@ -85,13 +86,15 @@ def test_streaming_equals_teacher_forcing_single_frame_chunks_unconditional():
   assert rel_err(stream, tf) <= TOL
 
 
-def test_memory_branch_matters():
+def test_memory_branch_matters(monkeypatch):
   """With the memory read removed, later chunks change: the test above is not vacuous."""
   model = tiny_model(1.0)
   clean, noisy, t, labels = _inputs()
   full = model.teacher_forcing(clean, noisy, t, labels)
-  for block in model.blocks:
-    block.self_attn.w_gate.kernel[...] = jnp.full_like(block.self_attn.w_gate.kernel[...], -1e4)
+  # gamma = 0 for every token and head: the output is the intra branch alone. (A large negative
+  # w_gate kernel would not do: sigmoid(x W_gate) -> 1 wherever x sums negative.)
+  monkeypatch.setattr(HybridAttention, "output_gate",
+                      lambda self, x: jnp.zeros((*x.shape[:-1], self.num_heads), jnp.float32))
   no_memory = model.teacher_forcing(clean, noisy, t, labels)
   assert rel_err(no_memory[:, :F], full[:, :F]) <= TOL  # chunk 0 has no memory term
   assert rel_err(no_memory[:, F:], full[:, F:]) > 1e-3

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from hybrid_video.model import CausalDiT
+from hybrid_video.nn.model import CausalDiT
 from tests.helpers import open_memory_gates, perturbed, rel_err, tiny_model_config
 from tests.kernels.pallas_modes import needs_gpu
 from tests.test_model import CHUNKS, F, _inputs, _stream_outputs

@@ -12,8 +12,8 @@ from flax import nnx
 from hybrid_video import sharding as sharding_lib
 from hybrid_video import train as train_lib
 from hybrid_video.checkpoint import abstract_like
-from hybrid_video.model import CausalDiT
-from hybrid_video.sample import StreamingSampler
+from hybrid_video.nn.model import CausalDiT
+from hybrid_video.streaming import StreamingSampler
 from tests.helpers import open_memory_gates, perturbed, rel_err, tiny_model_config
 from tests.test_main import smoke_config
 
@@ -145,7 +145,7 @@ def test_mesh_shape_errors():
 
 @pytest.mark.slow
 def test_compile_mode_prints_memory_analysis(tmp_path, capsys):
-  from hybrid_video.aot import compile_main
+  from hybrid_video.modes.compile import compile_main  # pylint: disable=g-import-not-at-top
   cfg = smoke_config(tmp_path / "unused")
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
   cfg.train.batch_size = 8

@@ -7,8 +7,7 @@ import pytest
 
 from configs.default import get_config
 from hybrid_video.run_info import blas_threads_limit
-from hybrid_video.chunk_runner import ChunkRunner
-from hybrid_video.sample import StreamingSampler
+from hybrid_video.streaming import ChunkRunner, StreamingSampler
 from tests.helpers import tiny_model
 
 HW = 16

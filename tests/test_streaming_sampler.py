@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from configs.default import get_config
-from hybrid_video.model import abstract_model, carry_bytes, count_params
-from hybrid_video.sample import StreamingSampler
+from hybrid_video.nn.model import abstract_model, carry_bytes, count_params
+from hybrid_video.streaming import StreamingSampler
 from hybrid_video.video_io import Mp4Writer, read_video, to_uint8
 from tests.helpers import tiny_model
 

@@ -53,10 +53,11 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from hybrid_video import benchmark_report
-from hybrid_video.chunk_runner import ChunkRunner
+from hybrid_video.modes import benchmark_report
+from hybrid_video.streaming import ChunkRunner
+from hybrid_video.xla_analysis import generate_analysis
 from hybrid_video.errors import UserError
-from hybrid_video.model import CausalDiT, carry_bytes, count_params
+from hybrid_video.nn.model import CausalDiT, carry_bytes, count_params
 from hybrid_video.run_info import (blas_info, blas_threads_limit, device_memory, hardware_info,
                                    peak_rss_bytes, provenance, rss_bytes)
 
@@ -180,7 +181,7 @@ class _Policy:
       slots = int(carry["slot_chunk"].shape[0])  # 0 without softmax layers
       t0 = time.perf_counter()  # compile (inside generate_memory) + first run
       self.memory_by_capacity[slots], self.cost_by_capacity[slots] = (
-          self.runner.generate_analysis(carry, self.key, self.context))
+          generate_analysis(self.runner, carry, self.key, self.context))
       carry, frames = self.runner.generate(carry, self.key, self.context)
       jax.block_until_ready(frames)
       self.compile_seconds[slots] = time.perf_counter() - t0
@@ -460,13 +461,12 @@ def _check_targets(per_policy: dict, paper: dict | None) -> dict:
 # -- main ------------------------------------------------------------------------------------------
 
 
-def benchmark_main(config, workdir: str, *, num_chunks: int | None = None,
-                   progress: bool = True) -> dict:
+def benchmark_main(config, workdir: str, *, overrides=None) -> dict:
   """--mode=benchmark: run, then write <workdir>/benchmark/{benchmark.json, *.png} and print."""
   if "benchmark" not in config:
     raise UserError("--mode=benchmark needs a benchmark config: "
                     "--config=configs/benchmark.py[:cpu|tiny|wan1_3b]")
-  results = run_benchmark(config, num_chunks=num_chunks, progress=progress)
+  results = run_benchmark(config, progress=bool(config.progress))
   out_dir = os.path.join(workdir, "benchmark")
   os.makedirs(out_dir, exist_ok=True)
   results["plots"] = benchmark_report.plot(results, out_dir)

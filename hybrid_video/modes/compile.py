@@ -18,11 +18,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hybrid_video import sharding as sharding_lib
-from hybrid_video import train as train_lib
-from hybrid_video.chunk_runner import cost_analysis_dict, memory_analysis_dict
 from hybrid_video.diffusion import sample_chunk_fn
-from hybrid_video.model import CausalDiT, count_params
-from hybrid_video.sample import video_frame_hw
+from hybrid_video.inputs import frame_hw as video_frame_hw
+from hybrid_video.nn.model import CausalDiT, count_params
+from hybrid_video.optim import make_optimizer
+from hybrid_video.train import make_train_step
+from hybrid_video.train_state import abstract_train_state, train_state_specs
+from hybrid_video.xla_analysis import analyse
 
 _MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
                   "alias_size_in_bytes", "generated_code_size_in_bytes")
@@ -33,20 +35,6 @@ def _gib(n) -> str:
     if n >= scale:
       return f"{n / scale:9.2f} {unit}"
   return f"{n:9d} B"
-
-
-def analyse(compiled) -> dict:
-  """Per-device memory figures and the FLOP estimate of a compiled executable (the same
-  analyses as the benchmark's, `chunk_runner.memory_analysis_dict` / `cost_analysis_dict`,
-  with XLA's field names)."""
-  mem = memory_analysis_dict(compiled.memory_analysis())
-  out = {f"{k}_size_in_bytes": v for k, v in mem.items() if k != "footprint"}
-  if mem:
-    out["total_per_device_bytes"] = mem["footprint"]
-  cost = cost_analysis_dict(compiled)
-  if "flops" in cost:
-    out["flops"] = cost["flops"]
-  return out
 
 
 def _print(name: str, stats: dict, seconds: float):
@@ -74,12 +62,12 @@ def _abstract_batch(config, model: CausalDiT, mesh, rules):
   return batch
 
 
-def compile_main(config, workdir: str | None = None) -> dict:
+def compile_main(config, workdir: str | None = None, *, overrides=None) -> dict:
   mesh = sharding_lib.make_mesh(config.mesh)
   rules = sharding_lib.rules_from_config(config.mesh)
   print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices")
-  tx = train_lib.make_optimizer(config.train)
-  abstract_model, abstract_state = train_lib.abstract_train_state(config.model, tx)
+  tx = make_optimizer(config.train)
+  abstract_model, abstract_state = abstract_train_state(config.model, tx)
   graphdef, _ = nnx.split(abstract_model)
   print(f"parameters: {count_params(abstract_model):,}  hybrid layers: "
         f"{list(abstract_model.hybrid_layers)}")
@@ -87,13 +75,13 @@ def compile_main(config, workdir: str | None = None) -> dict:
   results = {"mesh": dict(mesh.shape), "params": count_params(abstract_model)}
 
   # Train step.
-  state_sh = sharding_lib.named(mesh, sharding_lib.train_state_specs(abstract_state, tx, rules,
+  state_sh = sharding_lib.named(mesh, train_state_specs(abstract_state, tx, rules,
                                                                      mesh))
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 abstract_state, state_sh)
   batch = _abstract_batch(config, abstract_model, mesh, rules)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
-  step = jax.jit(train_lib.make_train_step(graphdef, tx, config.train),
+  step = jax.jit(make_train_step(graphdef, tx, config.train),
                  in_shardings=(state_sh, None, replicated),
                  out_shardings=(state_sh, replicated), donate_argnums=(0,))
   t0 = time.perf_counter()

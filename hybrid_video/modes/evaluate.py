@@ -9,7 +9,7 @@ bouncing off the walls), so every generated frame has an exact reference.
 
 Per generated frame (index 0 = the first frame after the context) and per horizon bucket
 (eval.bucket_clips, in training-clip lengths):
-  psnr, ssim        vs the true frame (hybrid_video/eval_metrics.py)
+  psnr, ssim        vs the true frame (hybrid_video/video_metrics.py)
   retention         the digit classifier reads the same digit in the generated frame as in
                     the true frame, both cropped at the digit's true position (a crop with no
                     ink reads as "no digit" and is not retained)
@@ -22,9 +22,9 @@ Two baselines are evaluated alongside the models: "last_frame" (the last context
 and "blank" (an empty canvas). The canvas is mostly background, so a blank frame already scores
 SSIM ~0.6 and PSNR ~15 dB; read the models against these floors.
 
-Checkpoints: --eval_workdirs=ENTRY[,ENTRY...], ENTRY = [LABEL=]WORKDIR[+FIELD=VALUE...], where
+Checkpoints: --config.eval.workdirs=ENTRY[,ENTRY...], ENTRY = [LABEL=]WORKDIR[+FIELD=VALUE...], where
 FIELD is a model field a checkpoint does not fix (e.g. memory.write_during_denoising), so
-  --eval_workdirs=teacher=runs/softmax,arl2=runs/arl2,\
+  --config.eval.workdirs=teacher=runs/softmax,arl2=runs/arl2,\
 arl2_noisy=runs/arl2+memory.write_during_denoising=true
 compares three settings side by side on the same clips and sampling noise. Without the flag the
 checkpoint in --workdir is evaluated. Results go to <workdir>/eval/.
@@ -40,15 +40,17 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from hybrid_video import eval_metrics
-from hybrid_video.chunk_runner import ChunkRunner
+from data import digit_metrics, moving_digits
+from data.digit_metrics import GroundTruth
+from hybrid_video import inputs as inputs_lib
+from hybrid_video import video_metrics
 from hybrid_video.errors import UserError
 from hybrid_video.restore import load_model, parse_override_value
 from hybrid_video.run_info import blas_threads_limit, hardware_info, provenance
+from hybrid_video.streaming import ChunkRunner, continue_clips
 
 BASELINES = ("last_frame", "blank")  # the last context frame repeated; an empty canvas
 
@@ -73,11 +75,11 @@ def parse_eval_workdirs(spec: str | None, default_workdir: str) -> list[EvalEntr
     head, *over = item.split("+")
     label, path = head.split("=", 1) if "=" in head else (None, head)
     if not path:
-      raise UserError(f"--eval_workdirs entry {item!r} has no workdir")
+      raise UserError(f"--config.eval.workdirs entry {item!r} has no workdir")
     overrides = {}
     for o in over:
       if "=" not in o:
-        raise UserError(f"--eval_workdirs override {o!r} in {item!r} must be FIELD=VALUE")
+        raise UserError(f"--config.eval.workdirs override {o!r} in {item!r} must be FIELD=VALUE")
       k, v = o.split("=", 1)
       overrides[k.strip()] = parse_override_value(v)
     if label is None:
@@ -86,54 +88,25 @@ def parse_eval_workdirs(spec: str | None, default_workdir: str) -> list[EvalEntr
     entries.append(EvalEntry(label, path, overrides))
   labels = [e.label for e in entries]
   if len(set(labels)) != len(labels) or set(labels) & set(BASELINES):
-    raise UserError(f"--eval_workdirs labels must be unique and not {BASELINES}: {labels}")
+    raise UserError(f"--config.eval.workdirs labels must be unique and not {BASELINES}: {labels}")
   if not entries:
-    raise UserError("--eval_workdirs is empty")
+    raise UserError("--config.eval.workdirs is empty")
   return entries
 
 
 # -- ground truth ----------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class GroundTruth:
-  video: np.ndarray        # uint8 [V, T, H, W, 1]
-  top_left: np.ndarray     # int [V, T, n, 2], where each digit is drawn
-  labels: np.ndarray       # int [V, n]
-  templates: np.ndarray    # float [V, n, s, s] in [0, 1], each digit's image
-  clip_frames: int         # length of the stored (training) clips
-  digit_size: int
-  interpolation: str
-
-  @property
-  def frames01(self) -> np.ndarray:
-    return self.video.astype(np.float32) / 255.0
-
-
 def load_ground_truth(config, num_videos: int, total_frames: int) -> GroundTruth:
   """The first `num_videos` test clips, re-rendered for `total_frames` frames."""
-  from data import moving_digits  # pylint: disable=g-import-not-at-top
-  from hybrid_video import inputs as inputs_lib  # pylint: disable=g-import-not-at-top
   if config.data.source != "moving_digits":
     raise UserError(f"--mode=eval needs data.source='moving_digits' (known dynamics), got "
                     f"{config.data.source!r}")
-  dcfg = moving_digits.get_config(config.data.config)
   source = inputs_lib.make_split_source(config, "test")
   if num_videos > len(source):
     raise UserError(f"eval.num_videos={num_videos} exceeds the {len(source)} test clips")
-  videos, tops, labels, templates = [], [], [], []
-  for i in range(num_videos):
-    ex = source[i]
-    video, positions = moving_digits.regenerate_clip(ex, total_frames, dcfg)
-    videos.append(video)
-    tops.append(moving_digits.pixel_positions(positions, dcfg.canvas_size, dcfg.digit_size))
-    labels.append(np.asarray(ex["labels"], np.int64))
-    templates.append(moving_digits.digit_images_for(ex["source_index"], dcfg.digit_size,
-                                                    dcfg.interpolation))
-  return GroundTruth(video=np.stack(videos), top_left=np.stack(tops), labels=np.stack(labels),
-                     templates=np.stack(templates).astype(np.float32) / 255.0,
-                     clip_frames=int(dcfg.num_frames), digit_size=int(dcfg.digit_size),
-                     interpolation=dcfg.interpolation)
+  return digit_metrics.ground_truth(source, moving_digits.get_config(config.data.config),
+                                    num_videos, total_frames)
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -151,16 +124,16 @@ def frame_metrics(generated: np.ndarray, truth: np.ndarray, top_left: np.ndarray
   truth = np.asarray(truth, np.float32)
   size = templates.shape[-1]
   gray_gen = generated.mean(axis=-1)
-  pred = classifier.predict(eval_metrics.crops(gray_gen, top_left, size))
+  pred = classifier.predict(digit_metrics.crops(gray_gen, top_left, size))
   if truth_pred is None:
     truth_pred = truth_labels(truth, top_left, size, classifier)
-  found, lost = eval_metrics.locate_digits(gray_gen, templates[:, None], top_left,
+  found, lost = digit_metrics.locate_digits(gray_gen, templates[:, None], top_left,
                                            radius=radius, ink_threshold=ink_threshold)
   error = np.linalg.norm((found - top_left).astype(np.float64), axis=-1)
   error = np.where(lost, radius * math.sqrt(2.0), error)
   return {
-      "psnr": eval_metrics.psnr(generated, truth, cap=psnr_cap),
-      "ssim": eval_metrics.ssim(generated, truth),
+      "psnr": video_metrics.psnr(generated, truth, cap=psnr_cap),
+      "ssim": video_metrics.ssim(generated, truth),
       "retained": (pred == truth_pred) & (pred >= 0),
       "label_pred": pred,
       "truth_pred": truth_pred,
@@ -172,7 +145,7 @@ def frame_metrics(generated: np.ndarray, truth: np.ndarray, top_left: np.ndarray
 def truth_labels(truth: np.ndarray, top_left: np.ndarray, size: int, classifier) -> np.ndarray:
   """The classifier's labels of the true digits [V, M, n] (the reference for retention)."""
   gray = np.asarray(truth, np.float32).mean(axis=-1)
-  return classifier.predict(eval_metrics.crops(gray, top_left, size))
+  return classifier.predict(digit_metrics.crops(gray, top_left, size))
 
 
 def bucket_edges(num_frames: int, clip_frames: int, bucket_clips) -> list[tuple[int, int]]:
@@ -206,43 +179,32 @@ def _frame_mean(x: np.ndarray) -> np.ndarray:
 # -- streaming -------------------------------------------------------------------------------------
 
 
-def continue_clips(runner: ChunkRunner, gt: GroundTruth, *, context_frames: int,
-                   num_frames: int, seed: int, use_labels: bool,
-                   progress: bool = True, desc: str = "eval") -> np.ndarray:
-  """Feed k true frames, generate M more. Returns float [V, M, H, W, C] in [0, 1]."""
+def continue_ground_truth(runner: ChunkRunner, gt: GroundTruth, *, context_frames: int,
+                          num_frames: int, seed: int, use_labels: bool, progress: bool = True,
+                          desc: str = "eval") -> np.ndarray:
+  """Feed k true frames, generate M more (streaming.continue_clips). Returns float
+  [V, M, H, W, C] in [0, 1]."""
   f = runner.model.frames_per_chunk
-  if context_frames <= 0 or context_frames % f:
-    raise UserError(f"eval.context_frames={context_frames} must be a positive multiple of the "
-                    f"model's frames_per_chunk={f}")
-  ctx_chunks = context_frames // f
-  gen_chunks = math.ceil(num_frames / f)
-  b = runner.batch
-  num_videos = gt.video.shape[0]
-  out = np.zeros((num_videos, gen_chunks * f, *gt.video.shape[2:4], runner.chunk_shape[-1]),
-                 np.float32)
-  bar = tqdm(total=math.ceil(num_videos / b) * (ctx_chunks + gen_chunks), desc=desc,
-             unit="chunk", disable=not progress)
-  for start in range(0, num_videos, b):
-    idx = np.arange(start, start + b) % num_videos  # the last batch is padded with repeats
-    video = gt.video[idx].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    cond = jnp.asarray(gt.labels[idx], jnp.int32) if use_labels else None
-    gen = runner.continue_from(video[:, :context_frames], gen_chunks,
-                               jax.random.key(seed + start), runner.embed(cond),
-                               on_chunk=lambda: bar.update(1))
-    keep = min(b, num_videos - start)
-    out[start:start + keep] = gen[:keep]
+  num_videos, b = gt.video.shape[0], runner.batch
+  bar = tqdm(total=math.ceil(num_videos / b) * (context_frames // max(f, 1) +
+                                                math.ceil(num_frames / f)),
+             desc=desc, unit="chunk", disable=not progress)
+  videos = gt.video.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+  out = continue_clips(runner, videos, gt.labels if use_labels else None,
+                       context_frames=context_frames, num_frames=num_frames, seed=seed,
+                       on_chunk=lambda: bar.update(1))
   bar.close()
-  return np.clip((out[:, :num_frames] + 1.0) / 2.0, 0.0, 1.0)
+  return np.clip((out + 1.0) / 2.0, 0.0, 1.0)
 
 
 # -- main ------------------------------------------------------------------------------------------
 
 
-def evaluate_main(config, workdir: str, *, eval_workdirs: str | None = None,
-                  checkpoint_step: int | None = None, progress: bool = True) -> dict:
+def evaluate_main(config, workdir: str, *, overrides=None) -> dict:
   """--mode=eval: evaluate each entry; write <workdir>/eval/{eval.json, *.png}; print a table."""
   ecfg = config.eval
-  entries = parse_eval_workdirs(eval_workdirs, workdir)
+  progress, checkpoint_step = bool(config.progress), config.train.resume_step
+  entries = parse_eval_workdirs(ecfg.workdirs, workdir)
   k, m_frames = int(ecfg.context_frames), int(ecfg.num_frames)
   if m_frames < 1 or int(ecfg.num_videos) < 1 or int(ecfg.batch_size) < 1:
     raise UserError("eval.num_frames, eval.num_videos and eval.batch_size must be >= 1")
@@ -256,13 +218,13 @@ def evaluate_main(config, workdir: str, *, eval_workdirs: str | None = None,
       t0 = time.perf_counter()
       model, mcfg, step = load_model(config, entry.workdir,
                                      checkpoint_step if len(entries) == 1 else None,
-                                     model_overrides=entry.overrides)
+                                     model_overrides=entry.overrides, cli_overrides=overrides)
       key = json.dumps(mcfg.data.to_dict(), sort_keys=True, default=str)
       if gt is None:
         data_key = key
         gt = load_ground_truth(mcfg, int(ecfg.num_videos), k + m_frames)
         radius = int(ecfg.search_radius) or gt.digit_size
-        classifier = eval_metrics.digit_classifier(gt.digit_size, gt.interpolation,
+        classifier = digit_metrics.digit_classifier(gt.digit_size, gt.interpolation,
                                                    float(ecfg.ink_threshold))
         truth = gt.frames01[:, k:]
         top_left = gt.top_left[:, k:]
@@ -279,11 +241,11 @@ def evaluate_main(config, workdir: str, *, eval_workdirs: str | None = None,
           results["baselines"][name] = summarize(bm, gt.labels, buckets)
       elif key != data_key:
         raise UserError(f"{entry.workdir} was trained on other data ({mcfg.data.config}); "
-                        "every --eval_workdirs entry must share the data config")
+                        "every --config.eval.workdirs entry must share the data config")
       runner = ChunkRunner(model, config.sampler, batch=min(int(ecfg.batch_size),
                                                             int(ecfg.num_videos)),
                            frame_hw=gt.video.shape[2:4])
-      gen = continue_clips(runner, gt, context_frames=k, num_frames=m_frames,
+      gen = continue_ground_truth(runner, gt, context_frames=k, num_frames=m_frames,
                            seed=int(ecfg.seed), use_labels=mcfg.model.cond == "labels",
                            progress=progress, desc=entry.label)
       stream_seconds = time.perf_counter() - t0

@@ -13,7 +13,7 @@ from flax import nnx
 
 from hybrid_video import kernel_calls
 from hybrid_video.errors import UserError
-from hybrid_video.embeddings import apply_rope
+from hybrid_video.nn.embeddings import apply_rope
 
 
 class QKVProjection(nnx.Module):

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hybrid_video.attention import CrossAttention, SelfAttention
-from hybrid_video.hybrid_attention import HybridAttention
-from hybrid_video.lora import LoRA, lora_settings
+from hybrid_video.nn.attention import CrossAttention, SelfAttention
+from hybrid_video.nn.hybrid_attention import HybridAttention
+from hybrid_video.nn.lora import LoRA, lora_settings
 
 
 def _frames(x: jax.Array, t: int) -> jax.Array:
@@ -40,12 +40,14 @@ class MLP(nnx.Module):
   """Linear -> GELU(tanh) -> Linear, with optional LoRA deltas on both linears (conversion)."""
 
   def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=None, lora_rank: int = 0,
-               lora_alpha: float = 32.0):
+               lora_alpha: float = 32.0, lora_init: str = "peft"):
     self.fc1 = nnx.Linear(dim, hidden, rngs=rngs, dtype=dtype)
     self.fc2 = nnx.Linear(hidden, dim, rngs=rngs, dtype=dtype)
     if lora_rank:  # a data or a static attribute, decided once
-      self.fc1_lora = LoRA(dim, hidden, lora_rank, lora_alpha, rngs=rngs, dtype=dtype)
-      self.fc2_lora = LoRA(hidden, dim, lora_rank, lora_alpha, rngs=rngs, dtype=dtype)
+      self.fc1_lora = LoRA(dim, hidden, lora_rank, lora_alpha, rngs=rngs, dtype=dtype,
+                           init=lora_init)
+      self.fc2_lora = LoRA(hidden, dim, lora_rank, lora_alpha, rngs=rngs, dtype=dtype,
+                           init=lora_init)
     else:
       self.fc1_lora = self.fc2_lora = None
 
@@ -74,6 +76,7 @@ class Block(nnx.Module):
           gdn_chunk_size=cfg.gdn_chunk_size, read=cfg.memory.read,
           write_during_denoising=cfg.memory.write_during_denoising,
           memory_lora_rank=lora.memory_rank, memory_lora_alpha=lora.alpha,
+          memory_lora_init=lora.init,
           interpret=cfg.get("kernel_interpret", False))
     else:
       self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps, rngs=rngs, dtype=dtype,
@@ -81,7 +84,8 @@ class Block(nnx.Module):
                                      interpret=cfg.get("kernel_interpret", False))
     self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps, rngs=rngs, dtype=dtype)
     self.ffn = MLP(dim, cfg.mlp_dim, rngs=rngs, dtype=dtype,
-                   lora_rank=lora.mlp_rank if hybrid else 0, lora_alpha=lora.alpha)
+                   lora_rank=lora.mlp_rank if hybrid else 0, lora_alpha=lora.alpha,
+                   lora_init=lora.init)
 
   def _mods(self, e0):
     """e0 [B, T, 6, dim] -> six [B, T, dim] modulations (fp32)."""

@@ -9,17 +9,28 @@ from __future__ import annotations
 
 from hybrid_video.errors import UserError
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+# Wan's RoPE table covers 1024 positions per axis (`rope_params(1024, ...)`).
+ROPE_TABLE_POSITIONS = 1024
+# The sinusoid's input is t on Wan's 0..1000 scale; the model's t is the flow time in [0, 1].
+TIME_SCALE = 1000.0
 
 
 def sinusoidal_embedding(positions: jax.Array, dim: int) -> jax.Array:
-  """Wan's sinusoidal embedding: [cos, sin] of positions * 10000^(-i/half). [...] -> [..., dim]."""
+  """Wan's sinusoidal embedding: [cos, sin] of positions * 10000^(-i/half). [...] -> [..., dim].
+
+  The frequencies are computed in float64 and rounded once (Wan builds them in float64), so
+  they do not carry float32 `pow` error into angles of up to 1000 rad.
+  """
   half = dim // 2
-  freqs = jnp.power(10000.0, -jnp.arange(half, dtype=jnp.float32) / half)
+  freqs = jnp.asarray(np.power(10000.0, -np.arange(half, dtype=np.float64) / half), jnp.float32)
   angles = positions.astype(jnp.float32)[..., None] * freqs
   return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
@@ -73,8 +84,11 @@ class TimeEmbed(nnx.Module):
     self.proj = nnx.Linear(dim, 6 * dim, rngs=rngs)
 
   def __call__(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """t [B, T] in [0, 1] -> (e [B, T, dim], e0 [B, T, 6, dim]), both fp32."""
-    s = sinusoidal_embedding(t * 1000.0, self.freq_dim)
+    """t [B, T] in [0, 1] -> (e [B, T, dim], e0 [B, T, 6, dim]), both fp32.
+
+    The sinusoid sees 1000 t: Wan's timestep on its 0..1000 scale (flow sigma * 1000).
+    """
+    s = sinusoidal_embedding(t * TIME_SCALE, self.freq_dim)
     e = self.fc2(jax.nn.silu(self.fc1(s)))
     e0 = self.proj(jax.nn.silu(e))
     return e, e0.reshape(*e0.shape[:-1], 6, self.dim)
@@ -127,25 +141,54 @@ def rope_bands(head_dim: int) -> tuple[int, int, int]:
   return head_dim - 4 * d6, 2 * d6, 2 * d6
 
 
+def _inv_freq64(band: int, theta: float) -> np.ndarray:
+  return 1.0 / np.power(theta, np.arange(0, band, 2, dtype=np.float64) / band)
+
+
 def _inv_freq(band: int, theta: float) -> jax.Array:
-  return 1.0 / jnp.power(theta, jnp.arange(0, band, 2, dtype=jnp.float32) / band)
+  return jnp.asarray(_inv_freq64(band, theta), jnp.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _frame_table(band: int, theta: float) -> np.ndarray:
+  return _table_angles(np.arange(ROPE_TABLE_POSITIONS, dtype=np.float64), band, theta)
+
+
+def _table_angles(positions: np.ndarray, band: int, theta: float) -> np.ndarray:
+  """Angles of integer positions, computed in float64 and reduced mod 2 pi before the float32
+  rounding: cos/sin of them match Wan's float64 table to ~1e-7 at any of its 1024 positions
+  (an unreduced float32 angle of ~1000 rad is off by ~6e-5)."""
+  return np.mod(positions[:, None] * _inv_freq64(band, theta), 2 * np.pi).astype(np.float32)
+
+
+def _frame_angles(frame_start, num_frames: int, band: int, theta: float) -> jax.Array:
+  """[F, band/2] time-band angles of frames frame_start .. frame_start + F - 1.
+
+  Frames inside Wan's 1024-position table read it (float64, reduced); later frames, which Wan
+  cannot represent, use the analytic float32 angle **[decision]**.
+  """
+  table = _frame_table(band, theta)
+  if isinstance(frame_start, (int, np.integer)) and frame_start + num_frames <= len(table):
+    return jnp.asarray(table[frame_start:frame_start + num_frames])
+  f = jnp.asarray(frame_start, jnp.int32) + jnp.arange(num_frames, dtype=jnp.int32)
+  inside = jnp.take(jnp.asarray(table), jnp.minimum(f, len(table) - 1), axis=0)
+  analytic = f.astype(jnp.float32)[:, None] * _inv_freq(band, theta)
+  return jnp.where((f < len(table))[:, None], inside, analytic)
 
 
 def rope_angles(frame_start, num_frames: int, grid_h: int, grid_w: int, head_dim: int,
                 theta: float = 10000.0) -> jax.Array:
   """Rotation angles [F*Hp*Wp, D/2] for frames frame_start .. frame_start+F-1, raster order.
 
-  Positions are computed analytically rather than read from Wan's 1024-entry table, so any
-  frame index works **[decision]**; see README "Positions beyond 1024 frames".
+  Wan's table: frame positions offset by the chunk's start frame (Causal-Forcing's
+  `causal_rope_apply`), row and column positions from 0. Frames beyond the table's 1024 rows get
+  analytic angles **[decision]**; see README "Positions beyond 1024 frames".
   `frame_start` may be a traced int32 scalar (the sampler's chunk offset).
   """
   bt, bh, bw = rope_bands(head_dim)
-  f = (jnp.asarray(frame_start, jnp.float32) + jnp.arange(num_frames, dtype=jnp.float32))
-  h = jnp.arange(grid_h, dtype=jnp.float32)
-  w = jnp.arange(grid_w, dtype=jnp.float32)
-  af = f[:, None] * _inv_freq(bt, theta)
-  ah = h[:, None] * _inv_freq(bh, theta)
-  aw = w[:, None] * _inv_freq(bw, theta)
+  af = _frame_angles(frame_start, num_frames, bt, theta)
+  ah = jnp.asarray(_table_angles(np.arange(grid_h, dtype=np.float64), bh, theta))
+  aw = jnp.asarray(_table_angles(np.arange(grid_w, dtype=np.float64), bw, theta))
   shape = (num_frames, grid_h, grid_w)
   angles = jnp.concatenate([
       jnp.broadcast_to(af[:, None, None, :], (*shape, af.shape[-1])),

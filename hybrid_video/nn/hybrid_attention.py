@@ -11,7 +11,7 @@ Shared W_q, W_k, W_v, W_o and q/k RMSNorm with the softmax layer, then two branc
 with g_t = -exp(A_log) softplus(x_t W_a + dt_bias) <= 0 and beta_t = 2 sigmoid(x_t W_b).
 The state S is stored K-first: h = S^T in R^{D_k x D_v}, fp32. No K/V cache is kept.
 
-Optional memory-branch LoRA (conversion stage 2, `hybrid_video/lora.py`): the memory branch then
+Optional memory-branch LoRA (conversion stage 2, `hybrid_video/nn/lora.py`): the memory branch then
 uses norm_q(W_q x + b_q + dq(x)) (and likewise k, v) in place of the shared q, k, v, while the
 intra branch keeps the shared projections.
 """
@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hybrid_video.attention import QKVProjection
+from hybrid_video.nn.attention import QKVProjection
 from hybrid_video.errors import UserError
 from hybrid_video import kernel_calls
-from hybrid_video.embeddings import apply_rope
-from hybrid_video.lora import LoRA
+from hybrid_video.nn.embeddings import apply_rope
+from hybrid_video.nn.lora import LoRA
 
 GATE_GAIN = 2.0 ** -2.5
 
@@ -58,7 +58,8 @@ class HybridAttention(QKVProjection):
   def __init__(self, dim, num_heads, eps, *, rngs, dtype=None, attention_impl=None,
                memory_impl=None, gdn_chunk_size: int = 64, read: str = "block",
                write_during_denoising: bool = False, memory_lora_rank: int = 0,
-               memory_lora_alpha: float = 32.0, interpret: bool = False):
+               memory_lora_alpha: float = 32.0, memory_lora_init: str = "peft",
+               interpret: bool = False):
     super().__init__(dim, num_heads, eps, rngs=rngs, dtype=dtype)
     if read not in ("block", "token"):
       raise UserError(f"model.memory.read={read!r} must be 'block' or 'token'")
@@ -79,7 +80,8 @@ class HybridAttention(QKVProjection):
     self.a_log = nnx.Param(_a_log_init(rngs.params(), (h,)))
     self.dt_bias = nnx.Param(_dt_bias_init(rngs.params(), (h,)))
     if memory_lora_rank:  # a data or a static attribute, decided once
-      lora = lambda: LoRA(dim, dim, memory_lora_rank, memory_lora_alpha, rngs=rngs, dtype=dtype)
+      lora = lambda: LoRA(dim, dim, memory_lora_rank, memory_lora_alpha, rngs=rngs, dtype=dtype,
+                          init=memory_lora_init)
       self.mem_q_lora, self.mem_k_lora, self.mem_v_lora = lora(), lora(), lora()
     else:
       self.mem_q_lora = self.mem_k_lora = self.mem_v_lora = None

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybrid_video import axes as ax
-from hybrid_video.blocks import Block, modulate
+from hybrid_video.nn.blocks import Block, modulate
 from hybrid_video.sharding import constrain
-from hybrid_video.embeddings import (ConditionEmbed, PatchEmbed, TimeEmbed, rope_angles,
+from hybrid_video.nn.embeddings import (ConditionEmbed, PatchEmbed, TimeEmbed, rope_angles,
                                      unpatchify)
 
 Carry = dict[str, Any]
@@ -73,14 +73,18 @@ class CausalDiT(nnx.Module):
     self.patch_embed = PatchEmbed(cfg.in_channels, cfg.dim, self.patch_size, rngs=rngs)
     self.time_embed = TimeEmbed(cfg.freq_dim, cfg.dim, rngs=rngs)
     self.cond_embed = ConditionEmbed(cfg.cond, cfg.num_classes, cfg.text_dim, cfg.dim, rngs=rngs)
-    self.blocks = nnx.List([Block(cfg, i in self.hybrid_layers, rngs=rngs)
-                            for i in range(cfg.num_layers)])
+    self.blocks = nnx.List([self._block(cfg, i, rngs) for i in range(cfg.num_layers)])
     self.head_norm = nnx.LayerNorm(cfg.dim, epsilon=cfg.eps, use_bias=False, use_scale=False,
                                    rngs=rngs)
     self.head_modulation = nnx.Param(jax.random.normal(rngs.params(), (1, 2, cfg.dim))
                                      / cfg.dim ** 0.5)
     self.head = nnx.Linear(cfg.dim, math.prod(self.patch_size) * cfg.out_channels,
                            kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+
+  def _block(self, cfg, i: int, rngs) -> Block:
+    if isinstance(rngs, CountingRngs):  # where block i's keys start (weights import, see there)
+      rngs.block_starts.append(rngs.count)
+    return Block(cfg, i in self.hybrid_layers, rngs=rngs)
 
   # -- shared pieces -----------------------------------------------------------------------------
 
@@ -106,6 +110,16 @@ class CausalDiT(nnx.Module):
       raise UserError(f"frames_per_chunk={self.frames_per_chunk} does not divide the clip "
                        f"length {t}")
 
+  def _frame_times(self, t, batch: int, num_chunks: int, frames_per_chunk: int) -> jax.Array:
+    """t [B, num_chunks] (per chunk) or [B, num_chunks * Fp] (per frame) -> [B, Tp] fp32."""
+    t = jnp.asarray(t, jnp.float32)
+    if t.shape == (batch, num_chunks):
+      return jnp.repeat(t, frames_per_chunk, axis=1)
+    if t.shape == (batch, num_chunks * frames_per_chunk):
+      return t
+    raise UserError(f"t has shape {t.shape}, expected (B, num_chunks) = {(batch, num_chunks)} "
+                    f"or (B, latent frames) = {(batch, num_chunks * frames_per_chunk)}")
+
   def embed_condition(self, cond, batch: int) -> jax.Array:
     """Conditioning tokens [B, M, dim] (computed once per video by the sampler)."""
     return self.cond_embed(cond, batch)
@@ -128,8 +142,9 @@ class CausalDiT(nnx.Module):
   def teacher_forcing(self, clean, noisy, t, cond=None):
     """Parallel training forward (method doc §6).
 
-    clean, noisy [B, T, Hi, Wi, C] (T = N*F); t [B, N] noise level of each noisy chunk in [0, 1];
-    cond: labels [B, M], embeddings [B, M, text_dim] or None.
+    clean, noisy [B, T, Hi, Wi, C] (T = N*F); t in [0, 1] (1000 t is Wan's timestep): [B, N] one
+    noise level per noisy chunk, or [B, Tp] one per latent token frame (Causal-Forcing's
+    per-frame timesteps; Tp = T / pt); cond: labels [B, M], embeddings [B, M, text_dim] or None.
     Returns the prediction (flow velocity) for the noisy chunks, [B, T, Hi, Wi, C_out].
     """
     self.check_video(clean.shape, what="clean video")
@@ -137,12 +152,10 @@ class CausalDiT(nnx.Module):
       raise UserError(f"noisy shape {noisy.shape} differs from clean shape {clean.shape}")
     b, frames = clean.shape[:2]
     num_chunks = frames // self.frames_per_chunk
-    if t.shape != (b, num_chunks):
-      raise UserError(f"t has shape {t.shape}, expected (B, num_chunks) = {(b, num_chunks)}")
     xc, grid = self._tokens(clean)
     xn, _ = self._tokens(noisy)
     fp = self.frames_per_chunk // self.patch_size[0]
-    t_frames = jnp.repeat(t.astype(jnp.float32), fp, axis=1)  # [B, Tp]
+    t_frames = self._frame_times(t, b, num_chunks, fp)  # [B, Tp]
     _, e0c = self.time_embed(jnp.zeros_like(t_frames))
     en, e0n = self.time_embed(t_frames)
     context = self.embed_condition(cond, b)
@@ -203,7 +216,8 @@ class CausalDiT(nnx.Module):
   def step(self, x, t, context, carry: Carry, *, write: bool):
     """One chunk through the model.
 
-    x [B, F, Hi, Wi, C]; t [B] noise level; context [B, M, dim] from embed_condition.
+    x [B, F, Hi, Wi, C]; t [B] noise level in [0, 1], or [B, Fp] one per latent token frame
+    (Causal-Forcing's per-frame timesteps); context [B, M, dim] from embed_condition.
     Denoising passes (write=False) read the carry; the context pass (write=True, t = 0 on the
     clean chunk) writes K/V and S_n and advances the chunk counter.
     Returns (prediction [B, F, Hi, Wi, C_out], carry).
@@ -214,7 +228,8 @@ class CausalDiT(nnx.Module):
     tokens, grid = self._tokens(x)
     chunk = carry["chunk"]
     angles = rope_angles(chunk * fp, fp, hp, wp, self.head_dim, self.rope_theta)
-    e, e0 = self.time_embed(jnp.broadcast_to(t.astype(jnp.float32)[:, None], (b, fp)))
+    t = jnp.asarray(t, jnp.float32)
+    e, e0 = self.time_embed(self._frame_times(t[:, None] if t.ndim == 1 else t, b, 1, fp))
     slot = self._write_slot(chunk)
     valid = jnp.repeat(carry["slot_chunk"] >= 0, chunk_len)
     cache_ctx = (valid, slot, chunk_len)
@@ -271,6 +286,28 @@ class ShapeOnlyRngs:
     if stream.startswith("_"):
       raise AttributeError(stream)
     return self
+
+
+class CountingRngs(ShapeOnlyRngs):
+  """The keys of `nnx.Rngs(seed)` (the n-th request, from any stream, gets
+  fold_in(key(seed), n): every stream falls back to the default one) counted in Python. A model
+  built with it under jit equals `CausalDiT(cfg, rngs=nnx.Rngs(seed))`, but tracing its
+  constructor stays linear in model size (see ShapeOnlyRngs).
+
+  CausalDiT records in `block_starts` the count at which each block's keys start, so one block
+  can be rebuilt alone with the model's keys: `Block(cfg, ..., rngs=CountingRngs(seed, start))`
+  (`start` may be traced).
+  """
+
+  def __init__(self, seed, start=0):
+    self.key = jax.random.key(seed)
+    self.count = start
+    self.block_starts: list = []
+
+  def __call__(self):
+    key = jax.random.fold_in(self.key, self.count)
+    self.count += 1
+    return key
 
 
 def abstract_model(cfg) -> CausalDiT:

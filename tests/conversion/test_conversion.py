@@ -1,4 +1,4 @@
-"""Conversion recipe (hybrid_video/convert.py): the converted student, frozen weights, stage 1 and
+"""Conversion recipe (hybrid_video/conversion/): the converted student, frozen weights, stage 1 and
 2, LoRA merge and export, bounded rollout memory, and the whole --mode=convert job."""
 
 import functools
@@ -14,11 +14,15 @@ from flax import nnx
 from configs import convert as convert_config
 from configs.default import get_config
 from hybrid_video import checkpoint as ckpt_lib
-from hybrid_video import convert as cv
-from hybrid_video import train as train_lib
-from hybrid_video.embeddings import apply_rope
-from hybrid_video.hybrid_attention import HybridAttention
-from hybrid_video.model import CausalDiT
+from hybrid_video import diagnostics
+from hybrid_video.conversion import losses, stages, surgery
+from hybrid_video.modes import convert as convert_mode
+from hybrid_video.nn.model import abstract_model
+from hybrid_video.optim import make_optimizer
+from hybrid_video.train_state import init_train_state
+from hybrid_video.nn.embeddings import apply_rope
+from hybrid_video.nn.hybrid_attention import HybridAttention
+from hybrid_video.nn.model import CausalDiT
 from kernels.local_attention.reference import chunk_local_attention_reference
 from tests.helpers import perturbed, rel_err, tiny_model_config
 
@@ -40,8 +44,8 @@ def _teacher(num_layers=4, seed=0):
 
 
 def _student(teacher_cfg, teacher, config, *, lora=False):
-  scfg = cv.student_model_config(teacher_cfg, config.convert, lora=lora)
-  return scfg, cv.convert(teacher, scfg, seed=0)
+  scfg = surgery.student_model_config(teacher_cfg, config.convert, lora=lora)
+  return scfg, surgery.convert(teacher, scfg, seed=0)
 
 
 def _inputs(chunks=4, seed=0):
@@ -54,14 +58,14 @@ def _inputs(chunks=4, seed=0):
 
 
 def _flat_params(model):
-  return cv.flatten_state(nnx.state(model, nnx.Param))
+  return surgery.flatten_state(nnx.state(model, nnx.Param))
 
 
 def _assert_teacher_weights_unchanged(student, teacher):
   s = _flat_params(student)
   for path, value in _flat_params(teacher).items():
     np.testing.assert_array_equal(np.asarray(s[path]), np.asarray(value),
-                                  err_msg=cv.path_name(path))
+                                  err_msg=surgery.path_name(path))
 
 
 def test_converted_student_is_the_teacher_copy():
@@ -85,10 +89,10 @@ def test_converted_student_is_the_teacher_copy():
   assert np.all((a > 0) & (a <= 16))
   # The tap that feeds stage 1 runs the teacher's own forward unchanged.
   clean, noisy, t, labels = _inputs()
-  record = cv.teacher_attention_io(teacher, (0, 2), clean, noisy, t, labels)
+  record = diagnostics.teacher_attention_io(teacher, (0, 2), clean, noisy, t, labels)
   assert sorted(record) == [0, 2] and record[0]["y_noisy"].shape == (B, 4 * 32, 2, 24)
   out = teacher.teacher_forcing(clean, noisy, t, labels)
-  tapped = cv.tapped_teacher_forcing(teacher, {}, clean, noisy, t, labels)
+  tapped = diagnostics.tapped_teacher_forcing(teacher, {}, clean, noisy, t, labels)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(tapped))
   y = teacher.blocks[0].self_attn.out(record[0]["y_clean"])
   ref, _ = teacher.blocks[0].self_attn.teacher_forcing(
@@ -114,7 +118,7 @@ def test_student_with_inter_gated_off_equals_local_only_teacher(monkeypatch):
       return attn.out(y.reshape(q.shape))
     return one(xc), one(xn)
 
-  reference = cv.tapped_teacher_forcing(
+  reference = diagnostics.tapped_teacher_forcing(
       teacher, {i: local_only for i in student.hybrid_layers}, clean, noisy, t, labels)
   assert rel_err(gated_off, reference) <= TOL
   assert rel_err(with_memory[:, F:], reference[:, F:]) > 1e-4  # the memory did matter
@@ -124,7 +128,7 @@ def test_student_with_inter_gated_off_equals_local_only_teacher(monkeypatch):
 def test_trainable_fraction_matches_direct_count():
   teacher_cfg, teacher = _teacher()
   config = _config()
-  rows = dict(cv.parameter_table(teacher_cfg, config.convert))
+  rows = dict(surgery.parameter_table(teacher_cfg, config.convert))
   for stage, lora in ((1, False), (2, True)):
     _, student = _student(teacher_cfg, teacher, config, lora=lora)
     direct = 0
@@ -149,16 +153,16 @@ def test_wan_scale_trainable_fraction_is_about_two_percent():
   """Wan2.1-1.3B shapes, 75% hybrid, abstractly: the paper reports about 2% trainable."""
   wan = get_config("wan1_3b").model
   wan.hybrid.ratio = 0.0
-  wan_rows = dict(cv.parameter_table(wan, convert_config.get_config().convert))
+  wan_rows = dict(surgery.parameter_table(wan, convert_config.get_config().convert))
   assert 0.8 < wan_rows["stage 1 (align)"].trainable_percent < 1.5
   assert 1.5 < wan_rows["stage 2 (distill)"].trainable_percent < 2.5
-  print(cv.format_table(list(wan_rows.items())))
+  print(surgery.format_table(list(wan_rows.items())))
 
 
 def _lora_student(teacher_cfg, teacher, config):
   """A student whose LoRA and new parameters are all non-trivial (B != 0)."""
   scfg, student = _student(teacher_cfg, teacher, config, lora=True)
-  state = nnx.state(student, cv.trainable_filter(2))
+  state = nnx.state(student, surgery.trainable_filter(2))
   keys = iter(jax.random.split(jax.random.key(5), len(jax.tree.leaves(state))))
   nnx.update(student, jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape),
                                    state))
@@ -169,7 +173,7 @@ def test_lora_merge_equals_the_unmerged_student():
   teacher_cfg, teacher = _teacher()
   config = _config()
   scfg, student = _lora_student(teacher_cfg, teacher, config)
-  plain_cfg, plain = cv.export_model(student, scfg)
+  plain_cfg, plain = surgery.export_model(student, scfg)
   assert plain.blocks[0].ffn.fc1_lora is None and plain.blocks[0].self_attn.mem_q_lora is not None
   clean, noisy, t, labels = _inputs()
   ref = student.teacher_forcing(clean, noisy, t, labels)
@@ -189,7 +193,7 @@ def test_lora_merge_equals_the_unmerged_student():
 @pytest.mark.slow
 def test_rollout_stage2_has_constant_peak_memory_in_the_number_of_chunks():
   teacher_cfg, teacher = _teacher(num_layers=2)
-  teacher_cfg = cv.copy_config(teacher_cfg)
+  teacher_cfg = surgery.copy_config(teacher_cfg)
   teacher_cfg.gdn_chunk_size = 32  # one GDN sub-chunk per AR chunk: a smaller graph to compile
   config = _config(ratio=0.5)
   config.sampler.timesteps = (1000,)  # one denoising pass per generated chunk: less to compile
@@ -198,17 +202,17 @@ def test_rollout_stage2_has_constant_peak_memory_in_the_number_of_chunks():
   scfg, student = _student(teacher_cfg, teacher, config, lora=True)
   batch = {"video": jnp.zeros((1, 4, HW, HW, 1)), "labels": jnp.array([[4]])}
   teacher_params = nnx.state(teacher)
-  tx = train_lib.make_optimizer(s2c)
+  tx = make_optimizer(s2c)
 
   def compile_step(num_chunks):
     s2c.rollout.num_chunks = num_chunks
-    graphdef = lambda cfg: nnx.split(cv.abstract_model(cv.rollout_model_config(cfg,
+    graphdef = lambda cfg: nnx.split(abstract_model(losses.rollout_model_config(cfg,
                                                                                 s2c.rollout)))[0]
-    loss = cv.make_rollout_loss(graphdef(scfg), graphdef(teacher_cfg), config.sampler, s2c,
+    loss = losses.make_rollout_loss(graphdef(scfg), graphdef(teacher_cfg), config.sampler, s2c,
                                 (1, F, HW, HW, 1))
-    _, trainable, frozen = nnx.split(student, cv.trainable_filter(2), ...)
-    state = cv.init_stage_state(trainable, tx)
-    step = jax.jit(cv.make_stage_step(loss, tx, s2c), donate_argnums=(0,))
+    _, trainable, frozen = nnx.split(student, surgery.trainable_filter(2), ...)
+    state = init_train_state(trainable, tx)
+    step = jax.jit(stages.make_stage_step(loss, tx, s2c), donate_argnums=(0,))
     compiled = step.lower(state, batch, jax.random.key(0), frozen, teacher_params).compile()
     return compiled, state, frozen
 
@@ -230,7 +234,7 @@ def test_rollout_stage2_has_constant_peak_memory_in_the_number_of_chunks():
 def test_convert_mode_end_to_end(tmp_path):
   """Teacher checkpoint -> --mode=convert -> --mode=sample from the export, on tiny Moving Digits
   (F = 1: four chunks per clip). Stage 1 loss falls; frozen weights reach the export unchanged."""
-  from hybrid_video.sample import sample_main
+  from hybrid_video.modes.sample import sample_main  # pylint: disable=g-import-not-at-top
   config = _config(ratio=0.5)
   config.data.dir = str(tmp_path / "tfds")
   cc = config.convert
@@ -245,13 +249,14 @@ def test_convert_mode_end_to_end(tmp_path):
   teacher_config.model = teacher_cfg
   teacher_config.data = config.data
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "teacher"))
-  checkpointer.save(5, train_lib.init_train_state(teacher, train_lib.make_optimizer(
+  checkpointer.save(5, init_train_state(teacher, make_optimizer(
       teacher_config.train)), teacher_config, force=True)
   checkpointer.wait()
   checkpointer.close()
   cc.teacher_workdir = str(tmp_path / "teacher")
   workdir = tmp_path / "student"
-  summary = cv.convert_main(config, str(workdir), progress=False)
+  config.progress = False
+  summary = convert_mode.convert_main(config, str(workdir))
 
   assert summary["hybrid_layers"] == [0]
   assert summary["stage1"]["steps"] == 30 and summary["stage2"]["steps"] == 3
@@ -270,11 +275,11 @@ def test_convert_mode_end_to_end(tmp_path):
   # The export holds the teacher's weights bit for bit, except the hybrid MLPs' merged kernels.
   exported = ckpt_lib.Checkpointer(str(workdir))
   saved = exported.saved_config(exported.latest_step())
-  state, _ = exported.restore(jax.eval_shape(lambda: train_lib.init_train_state(
+  state, _ = exported.restore(jax.eval_shape(lambda: init_train_state(
       CausalDiT(ml_collections.ConfigDict(saved["model"]), rngs=nnx.Rngs(0)),
-      train_lib.make_optimizer(config.train))))
+      make_optimizer(config.train))))
   exported.close()
-  export_flat = cv.flatten_state(state["ema"])
+  export_flat = surgery.flatten_state(state["ema"])
   merged = 0
   for path, value in _flat_params(teacher).items():
     if path[0] == "blocks" and path[1] == 0 and path[2:4] in (("ffn", "fc1"), ("ffn", "fc2")) \
@@ -290,5 +295,18 @@ def test_convert_mode_end_to_end(tmp_path):
   assert (workdir / "params.txt").exists()
   sample_config = get_config()
   sample_config.sampler.timesteps = (1000, 500)
-  stats = sample_main(sample_config, str(workdir), num_frames=3, progress=False)
+  sample_config.sampler.num_frames = 3
+  sample_config.progress = False
+  stats = sample_main(sample_config, str(workdir))
   assert stats.num_frames == 3
+
+
+def test_rollout_teacher_is_the_unbounded_original_by_default():
+  config = convert_config.get_config("rollout")
+  rcfg = config.convert.stage2.rollout
+  teacher_cfg = config.model
+  assert rcfg.window_chunks > 0                      # the student is bounded ...
+  assert stages.rollout_teacher_config(teacher_cfg, rcfg) is None   # ... the teacher is not
+  rcfg.bound_teacher = True
+  bounded = stages.rollout_teacher_config(teacher_cfg, rcfg)
+  assert bounded.kv_cache.window_chunks == rcfg.window_chunks

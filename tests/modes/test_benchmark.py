@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from configs.benchmark import get_config
-from hybrid_video import benchmark as bench
+from hybrid_video.modes import benchmark as bench
 from hybrid_video.errors import UserError
 
 
@@ -48,7 +48,9 @@ def test_tiny_benchmark_writes_every_field_and_readable_plots(tmp_path, capsys):
   b.policies = ("softmax_full", "arl2_100")
   b.candidate = "arl2_100"
   b.paper_latent_frames = 3                       # horizon of 3 one-frame chunks: reached
-  results = bench.benchmark_main(config, str(tmp_path), num_chunks=4, progress=False)
+  b.num_chunks = 4
+  config.progress = False
+  results = bench.benchmark_main(config, str(tmp_path))
   path = os.path.join(tmp_path, "benchmark", "benchmark.json")
   with open(path) as f:
     saved = json.load(f)

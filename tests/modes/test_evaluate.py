@@ -13,11 +13,13 @@ from PIL import Image
 from configs.default import get_config
 from data import moving_digits
 from hybrid_video import checkpoint as ckpt_lib
-from hybrid_video import eval_metrics
-from hybrid_video import evaluate
-from hybrid_video import train as train_lib
+from data import digit_metrics
+from hybrid_video import video_metrics
+from hybrid_video.modes import evaluate
+from hybrid_video.optim import make_optimizer
+from hybrid_video.train_state import init_train_state
 from hybrid_video.errors import UserError
-from hybrid_video.model import CausalDiT
+from hybrid_video.nn.model import CausalDiT
 from hybrid_video.restore import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +45,7 @@ def _ground_truth(num_videos=3, frames=12, config="default", num_digits=1):
 
 
 def _metrics(generated, gt, radius=12):
-  clf = eval_metrics.digit_classifier(gt.digit_size)
+  clf = digit_metrics.digit_classifier(gt.digit_size)
   m = evaluate.frame_metrics(generated, gt.frames01, gt.top_left, gt.templates, clf,
                              radius=radius, ink_threshold=0.25, psnr_cap=100.0)
   return m, evaluate.summarize(m, gt.labels, evaluate.bucket_edges(gt.video.shape[1], 8, (1,)))
@@ -96,12 +98,12 @@ def test_ssim_matches_a_direct_convolution():
   va, vb, cov = f(a * a) - ma ** 2, f(b * b) - mb ** 2, f(a * b) - ma * mb
   c1, c2 = 0.01 ** 2, 0.03 ** 2
   want = np.mean((2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
-  assert eval_metrics.ssim(a[..., None], b[..., None]) == pytest.approx(want, rel=1e-10)
+  assert video_metrics.ssim(a[..., None], b[..., None]) == pytest.approx(want, rel=1e-10)
 
 
 @pytest.mark.parametrize("digit_size", [12, 8])
 def test_digit_classifier_reaches_95_percent_on_held_out_digits(digit_size):
-  clf = eval_metrics.digit_classifier(digit_size)
+  clf = digit_metrics.digit_classifier(digit_size)
   assert clf.test_accuracy >= 0.95
   assert clf.test_accuracy == clf.accuracy("test")  # the bundled digits' test split
   assert clf.predict(np.zeros((3, digit_size, digit_size))).tolist() == [-1, -1, -1]
@@ -132,8 +134,8 @@ def checkpoint(tmp_path_factory):
   cfg = get_config("smoke")
   cfg.data.dir = str(tmp_path_factory.mktemp("tfds"))
   cfg.model.num_layers = 4  # ratio 0.75: layers 0-2 hybrid, layer 3 softmax
-  state = train_lib.init_train_state(CausalDiT(cfg.model, rngs=nnx.Rngs(0)),
-                                     train_lib.make_optimizer(cfg.train))
+  state = init_train_state(CausalDiT(cfg.model, rngs=nnx.Rngs(0)),
+                                     make_optimizer(cfg.train))
   ck = ckpt_lib.Checkpointer(workdir)
   ck.save(2, state, cfg, force=True)
   ck.wait()
@@ -160,10 +162,10 @@ def test_eval_mode_end_to_end(checkpoint, tmp_path):
   out = str(tmp_path / "eval_out")
   r = subprocess.run(
       [sys.executable, "main.py", "--mode=eval", "--config=configs/default.py:smoke",
-       f"--workdir={out}", f"--config.data.dir={cfg.data.dir}", "--progress=false",
+       f"--workdir={out}", f"--config.data.dir={cfg.data.dir}", "--config.progress=false",
        "--config.eval.num_videos=3", "--config.eval.batch_size=2",
        "--config.eval.context_frames=2", "--config.eval.num_frames=10",
-       f"--eval_workdirs=arl2={workdir},noisy={workdir}+memory.write_during_denoising=true"],
+       f"--config.eval.workdirs=arl2={workdir},noisy={workdir}+memory.write_during_denoising=true"],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   with open(os.path.join(out, "eval", "eval.json")) as f:
