@@ -1,9 +1,11 @@
 """ARL2 command line: python main.py --config=configs/default.py[:variant] --workdir=DIR --mode=MODE.
 
-Modes: train (then stream a long video: the main job), sample, convert (softmax teacher ->
-ARL2 hybrid, configs/convert.py), benchmark (per-chunk time and memory of each attention
-policy, configs/benchmark.py), eval (long-horizon continuation metrics of checkpoints),
-compile (lower + compile the train and sampler steps for the mesh; print memory and FLOPs).
+Modes: train (then stream a long video: the main job), sample (resumable streams; text to
+video for configs/wan.py), convert (softmax teacher -> ARL2 hybrid, configs/convert.py),
+benchmark (per-chunk time and memory of each attention policy, configs/benchmark.py), eval
+(long-horizon continuation metrics of checkpoints), compile (lower + compile the train and
+sampler steps for the mesh; print memory and FLOPs), import (released Wan / Causal-Forcing /
+ARL2 weights -> a checkpoint, configs/wan.py), serve (a local page that streams a video).
 User errors (bad config, flags, data, checkpoints, a non-finite loss) print one line and exit 1.
 """
 

@@ -199,7 +199,7 @@ def compile_config() -> ml_collections.ConfigDict:
 
 
 def serve_config() -> ml_collections.ConfigDict:
-  """--mode=serve (hybrid_video/modes/serve.py): the local page that streams a video as it is made."""
+  """--mode=serve (hybrid_video/modes/serve.py): a local page that streams videos as made."""
   v = ml_collections.ConfigDict()
   v.host = "127.0.0.1"         # bind address; anything but loopback lets whoever reaches it run
   #                              the model (there is no login): add the name to allowed_hosts
@@ -208,7 +208,8 @@ def serve_config() -> ml_collections.ConfigDict:
   #                              () answers any
   v.max_queue = 4              # viewers that may wait behind the running generation; the next
   #                              one is told the queue is full
-  v.max_frames = 512           # longest video one request may ask for, frames
+  v.max_frames = 128           # longest video one request may ask for, frames (each cache
+  #                              capacity up to it is compiled at start-up)
   v.max_seconds = 300.0        # wall-clock bound on one generation, seconds (it stops there
   #                              and frees the accelerator for the queue); 0 = none
   v.max_prompt_chars = 512     # longest prompt accepted (text-conditioned models)

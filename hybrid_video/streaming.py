@@ -56,6 +56,8 @@ class ChunkRunner:
     if mesh is not None:
       self.state = sharding_lib.put(self.state, sharding_lib.named(
           mesh, sharding_lib.param_specs(self.state, self.rules, mesh)))
+    devices = set().union(*(x.devices() for x in jax.tree.leaves(self.state)))
+    self._device = next(iter(devices)) if len(devices) == 1 else None
     self.generate_traces: list = []
     self.feed_traces: list = []
     self._chunk_fn = sample_chunk_fn(self.graphdef, scfg, self.chunk_shape, self.generate_traces)
@@ -100,7 +102,11 @@ class ChunkRunner:
     return sharding_lib.named(self.mesh, sharding_lib.carry_specs(carry, self.rules, self.mesh))
 
   def _place(self, carry):
-    return carry if self.mesh is None else sharding_lib.put(carry, self._carry_shardings(carry))
+    if self.mesh is None:
+      # On the parameters' device, committed like them: an uncommitted first carry next to
+      # committed (restored) parameters would compile the step a second time at chunk 1.
+      return carry if self._device is None else jax.device_put(carry, self._device)
+    return sharding_lib.put(carry, self._carry_shardings(carry))
 
   def init_carry(self, capacity: int | None = None) -> Carry:
     cap = self.initial_capacity() if capacity is None else capacity
