@@ -1,5 +1,8 @@
 """`moving_digits`: bouncing sklearn digits, generated locally (no download).
 
+(One file, ~470 lines: the tfds builder, the dynamics and the re-rendering of clips share
+one generator and must stay in step.)
+
 Each clip shows `num_digits` digits from `sklearn.datasets.load_digits()` (the
 bundled 1797 8x8 images, values 0..16), upsampled to `digit_size` and moving
 with constant velocity inside a `canvas_size` square canvas, reflecting off the

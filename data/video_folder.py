@@ -1,5 +1,7 @@
 """`video_folder`: fixed-length clips from a folder of .mp4 / .webm files.
 
+(One file, ~420 lines: scanning, decoding, resampling and the tfds builder of one source.)
+
 Files are decoded with PyAV (no TensorFlow, no mediapy), resampled to the
 target frame rate by timestamp (sample-and-hold: target time k/fps, measured
 from the file's first frame, shows the latest source frame at or before it),

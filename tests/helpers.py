@@ -60,3 +60,16 @@ def rel_err(a, b) -> float:
   """max|a - b| / max|b|, on the host (a and b may live on different device sets)."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def random_clips(batch: int, chunks: int, frames_per_chunk: int, hw: int, seed: int = 0):
+  """clean, noisy [B, chunks*F, hw, hw, 1], per-chunk t [B, chunks] and labels [B, 1], drawn in
+  numpy (no eager compiles). labels are [[3], [7], ...]."""
+  rng = np.random.default_rng(seed)
+  shape = (batch, chunks * frames_per_chunk, hw, hw, 1)
+  clean = rng.uniform(-1, 1, shape).astype(np.float32)
+  t = rng.uniform(0.05, 0.95, (batch, chunks)).astype(np.float32)
+  tf = np.repeat(t, frames_per_chunk, axis=1)[..., None, None, None]
+  noisy = ((1 - tf) * clean + tf * rng.standard_normal(shape)).astype(np.float32)
+  return clean, noisy, t, np.array([[3 + 4 * i] for i in range(batch)])
+

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
 from hybrid_video.nn.model import CausalDiT
-from tests.helpers import open_memory_gates, rel_err, tiny_model_config
+from tests.helpers import open_memory_gates, perturbed, random_clips, rel_err, tiny_model_config
 
 B, CHUNKS, F, HW = 2, 4, 2, 16
 BF16_TOL = 1e-2
@@ -30,22 +29,12 @@ BF16_TOL = 1e-2
 def make_model(dtype: str):
   cfg = tiny_model_config(0.5)
   cfg.dtype = dtype
-  model = CausalDiT(cfg, rngs=nnx.Rngs(0))
-  state = nnx.state(model, nnx.Param)
-  rng = np.random.default_rng(1)  # perturbed in numpy: no eager compile per parameter shape
-  nnx.update(model, jax.tree.map(
-      lambda x: x + (0.3 * rng.standard_normal(x.shape)).astype(x.dtype), state))
-  return open_memory_gates(model)
+  return open_memory_gates(perturbed(CausalDiT(cfg, rngs=nnx.Rngs(0)), seed=1))
 
 
 def make_inputs(seed=0):
-  rng = np.random.default_rng(seed)
-  shape = (B, CHUNKS * F, HW, HW, 1)
-  clean = rng.uniform(-1, 1, shape).astype(np.float32)
-  t = rng.uniform(0.05, 0.95, (B, CHUNKS)).astype(np.float32)
-  tf = np.repeat(t, F, axis=1)[..., None, None, None]
-  noisy = ((1 - tf) * clean + tf * rng.standard_normal(shape)).astype(np.float32)
-  return clean, noisy, t, np.array([[3], [7]])
+  """clean, noisy [B, CHUNKS*F, HW, HW, 1], t [B, CHUNKS], labels (numpy: no eager compiles)."""
+  return random_clips(B, CHUNKS, F, HW, seed)
 
 
 def teacher_forcing(model, clean, noisy, t, labels):

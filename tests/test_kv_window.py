@@ -27,7 +27,7 @@ from flax import nnx
 from hybrid_video.nn.attention import SelfAttention
 from hybrid_video.nn.embeddings import apply_rope
 from hybrid_video.nn.model import CausalDiT
-from tests.helpers import open_memory_gates, rel_err, tiny_model_config
+from tests.helpers import open_memory_gates, perturbed, random_clips, rel_err, tiny_model_config
 
 B, CHUNKS, F, HW = 2, 8, 2, 16
 SINKS, WINDOW = 1, 2
@@ -60,28 +60,16 @@ def windowed_teacher_forcing_heads(self, x_clean, x_noisy, angles, num_chunks):
 
 
 def make_model(window: bool):
-  """The mixed tiny model, every parameter perturbed (as tests.helpers.perturbed, but drawn in
-  numpy: eager jax.random would compile once per parameter shape) and memory gates opened."""
+  """The mixed tiny model, every parameter perturbed and memory gates opened."""
   cfg = tiny_model_config(0.5)
   cfg.kv_cache.sink_chunks = SINKS if window else 0
   cfg.kv_cache.window_chunks = WINDOW if window else 0
-  model = CausalDiT(cfg, rngs=nnx.Rngs(0))
-  state = nnx.state(model, nnx.Param)
-  rng = np.random.default_rng(1)
-  nnx.update(model, jax.tree.map(
-      lambda x: x + (0.3 * rng.standard_normal(x.shape)).astype(x.dtype), state))
-  return open_memory_gates(model)
+  return open_memory_gates(perturbed(CausalDiT(cfg, rngs=nnx.Rngs(0)), seed=1))
 
 
 def make_inputs(seed=0):
   """clean, noisy [B, CHUNKS*F, HW, HW, 1], t [B, CHUNKS], labels (numpy: no eager compiles)."""
-  rng = np.random.default_rng(seed)
-  shape = (B, CHUNKS * F, HW, HW, 1)
-  clean = rng.uniform(-1, 1, shape).astype(np.float32)
-  t = rng.uniform(0.05, 0.95, (B, CHUNKS)).astype(np.float32)
-  tf = np.repeat(t, F, axis=1)[..., None, None, None]
-  noisy = ((1 - tf) * clean + tf * rng.standard_normal(shape)).astype(np.float32)
-  return clean, noisy, t, np.array([[3], [7]])
+  return random_clips(B, CHUNKS, F, HW, seed)
 
 
 def stream(model, clean, noisy, t, labels):

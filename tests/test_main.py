@@ -1,5 +1,6 @@
 """The main job end to end: training, resume, checkpoints, sampling and user errors."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -199,3 +200,13 @@ def test_sample_is_bit_reproducible_across_processes(tmp_path, trained, data_dir
             for w in workdirs]
   assert videos[0].shape[0] == 24
   np.testing.assert_array_equal(videos[0], videos[1])
+
+
+def test_training_logs_per_head_retention(trained):
+  """Method doc §8: exp(sum of g over a chunk) per hybrid layer and head is logged in training."""
+  with open(os.path.join(trained[0], "metrics", "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  keys = set().union(*rows)
+  assert {"layer0/retention_mean", "layer0/retention_h0", "layer0/retention_h1"} <= keys, keys
+  values = [r["layer0/retention_mean"] for r in rows if "layer0/retention_mean" in r]
+  assert values and all(0.0 < v <= 1.0 for v in values)

@@ -1,5 +1,8 @@
 """--mode=benchmark: per-chunk time and memory of each attention policy on one backbone.
 
+(One file, ~480 lines: the policies, the interleaved timing loop and its summary are one
+measurement protocol; the report is benchmark_report.py.)
+
 Policies (same width, depth and tokens per chunk; they differ only in each layer's attention):
   softmax_full    every layer softmax, full K/V cache (grows by doubling: one compile each)
   softmax_window  every layer softmax, cache bounded to sink + window chunks

@@ -39,7 +39,6 @@ import os
 import time
 from typing import Any
 
-import jax
 import numpy as np
 from tqdm.auto import tqdm
 

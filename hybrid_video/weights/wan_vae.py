@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hybrid_video.nn.vae import (VAE, Attention, CausalConv3d, Conv, MidBlock, RMSNorm, ResBlock,
+from hybrid_video.nn.vae import (VAE, Attention, Conv, MidBlock, RMSNorm, ResBlock,
                                  Resample, VAEConfig)
 from hybrid_video.weights import io
 from hybrid_video.weights.io import WeightsError
