@@ -111,6 +111,9 @@ def parse_flags(argv):
     _fail(_unknown_field(e, argv))
   except (TypeError, ValueError) as e:
     _fail(f"bad flag value: {e}")
+  except OSError as e:  # a --config file that cannot be read (an override made it load early)
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    _fail(f"cannot load --config: {lines[-1] if lines else type(e).__name__}")
 
 
 def main(argv):

@@ -27,7 +27,8 @@ def smoke_config(data_dir, **train):
 
 
 def run_main(*args, timeout=300):
-  return subprocess.run([sys.executable, "main.py", "--config.progress=false", *args], cwd=ROOT,
+  # --config=FILE must come before any --config.x override (ml_collections).
+  return subprocess.run([sys.executable, "main.py", *args, "--config.progress=false"], cwd=ROOT,
                         capture_output=True, text=True, timeout=timeout)
 
 
@@ -189,8 +190,8 @@ def test_sample_is_bit_reproducible_across_processes(tmp_path, trained, data_dir
   for w in workdirs:
     shutil.copytree(trained[0], w)
   procs = [subprocess.Popen(
-      [sys.executable, "main.py", "--config.progress=false", "--mode=sample",
-       "--config=configs/default.py:smoke", f"--workdir={w}", f"--config.data.dir={data_dir}",
+      [sys.executable, "main.py", "--mode=sample", "--config=configs/default.py:smoke",
+       "--config.progress=false", f"--workdir={w}", f"--config.data.dir={data_dir}",
        "--config.sampler.num_steps=16", "--config.sampler.num_frames=24"],
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in workdirs]
   for p in procs:

@@ -59,7 +59,7 @@ def test_tiny_benchmark_writes_every_field_and_readable_plots(tmp_path, capsys):
     assert key in saved, key
   assert saved["hardware"]["jax"] and saved["hardware"]["backend"] == "cpu"
   assert saved["horizon"]["paper_horizon_chunks"] == 3
-  assert saved["config"]["benchmark"]["num_chunks"] == 12  # the config as given
+  assert saved["config"]["benchmark"]["num_chunks"] == 4  # the config as given
   per_policy_keys = ("hybrid_layers", "compiles", "compiles_during_timing", "chunk_seconds",
                      "chunk_seconds_median", "chunk_seconds_min", "chunk_seconds_passes",
                      "grow_seconds", "carry_bytes", "footprint_bytes",

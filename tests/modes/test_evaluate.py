@@ -22,7 +22,7 @@ from hybrid_video.errors import UserError
 from hybrid_video.nn.model import CausalDiT
 from hybrid_video.restore import load_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _ground_truth(num_videos=3, frames=12, config="default", num_digits=1):
