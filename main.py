@@ -5,7 +5,8 @@ video for configs/wan.py), convert (softmax teacher -> ARL2 hybrid, configs/conv
 benchmark (per-chunk time and memory of each attention policy, configs/benchmark.py), eval
 (long-horizon continuation metrics of checkpoints), compile (lower + compile the train and
 sampler steps for the mesh; print memory and FLOPs), import (released Wan / Causal-Forcing /
-ARL2 weights -> a checkpoint, configs/wan.py), serve (a local page that streams a video).
+ARL2 weights -> a checkpoint, configs/wan.py), serve (a local page that streams a video),
+encode / decode (videos -> VAE latent clips, latents -> mp4; configs/wan.py).
 User errors (bad config, flags, data, checkpoints, a non-finite loss) print one line and exit 1.
 """
 
@@ -42,7 +43,8 @@ except (AttributeError, KeyError) as e:
   _fail(_unknown_field(e, sys.argv))
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and videos.")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "convert", "benchmark", "eval",
-                                   "compile", "serve", "import"], "What to run (see MODES).")
+                                   "compile", "serve", "import", "encode", "decode"],
+                  "What to run (see MODES).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize (multi-host). With no "
                   "coordinator flags, JAX reads the cluster from the environment (TPU pods, "
                   "SLURM, Open MPI).")
@@ -62,6 +64,8 @@ MODES = {
     "compile": ("hybrid_video.modes.compile", "compile_main"),
     "serve": ("hybrid_video.modes.serve", "serve_main"),
     "import": ("hybrid_video.modes.import_weights", "import_main"),
+    "encode": ("hybrid_video.modes.codec", "encode_main"),
+    "decode": ("hybrid_video.modes.codec", "decode_main"),
 }
 
 

@@ -134,7 +134,8 @@ def sampler_config() -> ml_collections.ConfigDict:
 
 def data_config() -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
-  d.source = "moving_digits"   # "moving_digits" (embedded, generated) or "video_folder"
+  d.source = "moving_digits"   # "moving_digits" (embedded, generated), "video_folder", or
+  #                              "latent_clips" (VAE latents written by --mode=encode)
   d.config = "default"         # moving_digits builder config: "default" (32x32, 8 frames), "tiny"
   d.dir = placeholder(str)     # tfds data_dir; None = $TFDS_DATA_DIR or ~/tensorflow_datasets
   d.folder = placeholder(str)  # video_folder: folder of .mp4/.webm files
@@ -142,6 +143,8 @@ def data_config() -> ml_collections.ConfigDict:
   d.frame_size = (32, 32)      # video_folder: (height, width) of the clips
   d.fps = 8.0                  # video_folder: frame rate clips are resampled to
   d.channels = 1               # video_folder: 1 (grayscale) or 3 (RGB); must match the model
+  d.latents = placeholder(str)  # latent_clips: the dataset directory --mode=encode printed
+  #                              (num_frames and frame_size then count latents)
   return d
 
 

@@ -26,6 +26,13 @@ Text to video (after the import):
       --config.t2v.weights_dir=Wan2.1-T2V-1.3B --config.t2v.prompt='a cat walks on the grass'
 
 
+Latents (the Wan VAE alone; hybrid_video/modes/codec.py):
+
+  python main.py --mode=encode --config=configs/wan.py:wan1_3b --workdir=runs/latents \\
+      --config.t2v.weights_dir=Wan2.1-T2V-1.3B --config.data.folder=videos/
+  python main.py --mode=decode --config=configs/wan.py:wan1_3b --workdir=runs/latents \\
+      --config.t2v.weights_dir=Wan2.1-T2V-1.3B --config.codec.latents=clip.npy
+
 `weights` fields are read by hybrid_video/weights/wan_dit.py; the layouts and key names are in
 its module docstring and in hybrid_video/weights/wan_dit_keys.py.
 """
@@ -69,6 +76,23 @@ def t2v_config() -> ml_collections.ConfigDict:
   t.text_dtype = "bfloat16"    # umT5 compute and storage dtype ("float32" for exactness)
   t.vae_dtype = "float32"      # VAE compute dtype ("bfloat16" halves its memory)
   return t
+
+
+def codec_config() -> ml_collections.ConfigDict:
+  """--mode=encode / --mode=decode (hybrid_video/modes/codec.py); the VAE is t2v.vae or the one
+  in t2v.weights_dir, computing in t2v.vae_dtype."""
+  v = ml_collections.ConfigDict()
+  v.batch_size = 8             # encode: clips per VAE call (a multiple of the mesh's data x fsdp
+  #                              devices shards them; the last batch may be smaller)
+  v.use_mesh = True            # encode: shard each batch over the mesh's batch axes
+  v.test_fraction = 0.0        # encode: fraction of the videos whose clips form a 'test' split
+  v.latents = placeholder(str)  # decode: a .npy of normalised latents [t, h, w, z] or
+  #                              [1, t, h, w, z], or a latent_clips dataset directory
+  v.split = "train"            # decode from a dataset: its split ...
+  v.index = 0                  # ... and clip
+  v.chunk_latents = 3          # decode: latents per streaming step (the DiT's chunk)
+  v.output = placeholder(str)  # decode: output name (default: the input's) in <workdir>/decoded
+  return v
 
 
 def lora_config(rank: int) -> ml_collections.ConfigDict:
@@ -117,6 +141,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.data = 1
   c.mesh.fsdp = -1                # parameters sharded over all devices
   c.t2v = t2v_config()
+  c.codec = codec_config()
   c.video_fps = 16                # Wan's frame rate
   c.video_upscale = 1
   if variant == "wan1_3b":

@@ -146,22 +146,10 @@ class LatentClips(tfds.core.GeneratorBasedBuilder):
     if self._vae is None:
       raise DataError("writing latent_clips needs the VAE: LatentClips(vae=...)")
     cfg = self.builder_config
-    # video_folder's own scan: the same files are usable or skipped, with the same warnings.
-    scanner = video_folder.VideoFolder(config=cfg.video, data_dir=self.data_dir_root)
-    usable, skipped = scanner._scan()  # pylint: disable=protected-access
-    rel = lambda p: os.path.relpath(p, cfg.video.folder)
-    splits = {"train": usable}
-    if cfg.video.test_fraction > 0:
-      if len(usable) < 2:
-        raise DataError(f"test_fraction={cfg.video.test_fraction} needs at least 2 usable videos"
-                        f" in {cfg.video.folder!r}, found {len(usable)}")
-      n_test = min(max(1, int(round(cfg.video.test_fraction * len(usable)))), len(usable) - 1)
-      test_ids = set(np.random.default_rng(cfg.video.seed).permutation(len(usable))[:n_test]
-                     .tolist())
-      splits = {"train": [p for i, p in enumerate(usable) if i not in test_ids],
-                "test": [p for i, p in enumerate(usable) if i in test_ids]}
-    self.info.metadata["files"] = {k: [rel(p) for p in v] for k, v in splits.items()}
-    self.info.metadata["skipped_files"] = [rel(p) for p in skipped]
+    # video_folder's own scan and split: the same files are usable, skipped (with the same
+    # warnings) and in the same split as in the video_folder dataset of these settings.
+    splits, skipped = video_folder.split_files(cfg.video)
+    self.info.metadata.update(video_folder.files_metadata(cfg.video.folder, splits, skipped))
     return {k: self._generate_examples(v) for k, v in splits.items()}
 
   def _iter_clips(self, paths: list[str]):
@@ -171,7 +159,7 @@ class LatentClips(tfds.core.GeneratorBasedBuilder):
       try:
         for clip_index, start_time, video in video_folder.iter_clips(path, cfg):
           yield name, clip_index, start_time, video
-      except video_folder._decode_errors() as e:  # pylint: disable=protected-access
+      except video_folder.decode_errors() as e:
         logger.warning("Video %s failed while reading clips (%s: %s); keeping the clips before"
                        " the failure", path, type(e).__name__, e)
 

@@ -152,7 +152,8 @@ def _folder_fingerprint(folder: str, recursive: bool) -> list[list[Any]]:
   return out
 
 
-def _decode_errors():
+def decode_errors() -> tuple[type[BaseException], ...]:
+  """The exceptions a broken or unreadable video raises while decoding."""
   import av  # pylint: disable=g-import-not-at-top
 
   return (av.error.FFmpegError, OSError, ValueError, EOFError)
@@ -244,6 +245,76 @@ def iter_clips(path: str, cfg: VideoFolderConfig):
 # ----------------------------------------------------------------------------
 
 
+def scan_files(cfg: VideoFolderConfig) -> tuple[list[str], list[str]]:
+  """Returns (usable files, skipped files) of `cfg.folder`, warning about each skipped one.
+
+  Raises:
+    DataError: no video files, or none usable.
+  """
+  files = list_video_files(cfg.folder, cfg.recursive)
+  if not files:
+    raise DataError(
+        f"video folder {cfg.folder!r} has no"
+        f" {'/'.join(VIDEO_EXTENSIONS)} files"
+    )
+  usable, skipped = [], []
+  for path in files:
+    try:
+      n = probe_file(path, cfg)
+    except decode_errors() as e:
+      logger.warning("Skipping unreadable video %s: %s: %s", path,
+                     type(e).__name__, e)
+      skipped.append(path)
+      continue
+    if n == 0:
+      logger.warning(
+          "Skipping video %s: shorter than one clip of %d frames at %g fps",
+          path, cfg.num_frames, cfg.fps)
+      skipped.append(path)
+      continue
+    usable.append(path)
+  if not usable:
+    raise DataError(
+        f"video folder {cfg.folder!r} has no usable video (of {len(files)}"
+        f" candidate files, none could be decoded into a clip of"
+        f" {cfg.num_frames} frames at {cfg.fps:g} fps)"
+    )
+  return usable, skipped
+
+
+def split_files(cfg: VideoFolderConfig
+                ) -> tuple[dict[str, list[str]], list[str]]:
+  """({"train": [...], "test": [...]}, skipped): the usable files of `cfg.folder` split by
+  `cfg.test_fraction` with `cfg.seed` (no "test" split when the fraction is 0). Every reader of
+  a video folder (`video_folder`, `latent_clips`) splits with this, so the same file lands in
+  the same split whichever dataset is built from it.
+  """
+  usable, skipped = scan_files(cfg)
+  if cfg.test_fraction <= 0:
+    return {"train": usable}, skipped
+  if len(usable) < 2:
+    raise DataError(
+        f"test_fraction={cfg.test_fraction} needs at least 2 usable videos"
+        f" in {cfg.folder!r}, found {len(usable)}"
+    )
+  n_test = min(max(1, int(round(cfg.test_fraction * len(usable)))),
+               len(usable) - 1)
+  perm = np.random.default_rng(cfg.seed).permutation(len(usable))
+  test_ids = set(perm[:n_test].tolist())
+  return {
+      "train": [p for i, p in enumerate(usable) if i not in test_ids],
+      "test": [p for i, p in enumerate(usable) if i in test_ids],
+  }, skipped
+
+
+def files_metadata(folder: str, splits: dict[str, list[str]],
+                   skipped: list[str]) -> dict[str, Any]:
+  """The dataset metadata naming each split's files and the skipped ones (relative paths)."""
+  rel = lambda p: os.path.relpath(p, folder)
+  return {"files": {k: [rel(p) for p in v] for k, v in splits.items()},
+          "skipped_files": [rel(p) for p in skipped]}
+
+
 def make_config(folder: str | os.PathLike[str], name: str | None = None,
                 **settings) -> VideoFolderConfig:
   """A `VideoFolderConfig` for `folder`; see the class for `settings`.
@@ -293,7 +364,6 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
   def __init__(self, *, file_format=None, **kwargs):
     super().__init__(file_format=file_format or _tfds_utils.ARRAY_RECORD,
                      **kwargs)
-    self._scan_result: dict[str, Any] = {}
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
@@ -314,62 +384,11 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
         metadata=tfds.core.MetadataDict(settings=cfg.settings()),
     )
 
-  def _scan(self) -> tuple[list[str], list[str]]:
-    """Returns (usable files, skipped files), warning about each skipped one."""
-    cfg = self.builder_config
-    files = list_video_files(cfg.folder, cfg.recursive)
-    if not files:
-      raise DataError(
-          f"video folder {cfg.folder!r} has no"
-          f" {'/'.join(VIDEO_EXTENSIONS)} files"
-      )
-    usable, skipped = [], []
-    for path in files:
-      try:
-        n = probe_file(path, cfg)
-      except _decode_errors() as e:
-        logger.warning("Skipping unreadable video %s: %s: %s", path,
-                       type(e).__name__, e)
-        skipped.append(path)
-        continue
-      if n == 0:
-        logger.warning(
-            "Skipping video %s: shorter than one clip of %d frames at %g fps",
-            path, cfg.num_frames, cfg.fps)
-        skipped.append(path)
-        continue
-      usable.append(path)
-    if not usable:
-      raise DataError(
-          f"video folder {cfg.folder!r} has no usable video (of {len(files)}"
-          f" candidate files, none could be decoded into a clip of"
-          f" {cfg.num_frames} frames at {cfg.fps:g} fps)"
-      )
-    return usable, skipped
-
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
     cfg = self.builder_config
-    usable, skipped = self._scan()
-    rel = lambda p: os.path.relpath(p, cfg.folder)
-    splits = {"train": usable}
-    if cfg.test_fraction > 0:
-      if len(usable) < 2:
-        raise DataError(
-            f"test_fraction={cfg.test_fraction} needs at least 2 usable videos"
-            f" in {cfg.folder!r}, found {len(usable)}"
-        )
-      n_test = min(max(1, int(round(cfg.test_fraction * len(usable)))),
-                   len(usable) - 1)
-      perm = np.random.default_rng(cfg.seed).permutation(len(usable))
-      test_ids = set(perm[:n_test].tolist())
-      splits = {
-          "train": [p for i, p in enumerate(usable) if i not in test_ids],
-          "test": [p for i, p in enumerate(usable) if i in test_ids],
-      }
-    self.info.metadata["files"] = {k: [rel(p) for p in v]
-                                   for k, v in splits.items()}
-    self.info.metadata["skipped_files"] = [rel(p) for p in skipped]
+    splits, skipped = split_files(cfg)
+    self.info.metadata.update(files_metadata(cfg.folder, splits, skipped))
     return {k: self._generate_examples(v) for k, v in splits.items()}
 
   def _generate_examples(self, paths: list[str]):
@@ -384,7 +403,7 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
               "clip_index": clip_index,
               "start_time": np.float32(start_time),
           }
-      except _decode_errors() as e:  # Passed the scan but failed now.
+      except decode_errors() as e:  # Passed the scan but failed now.
         logger.warning("Video %s failed while writing clips (%s: %s); keeping"
                        " the clips before the failure", path,
                        type(e).__name__, e)

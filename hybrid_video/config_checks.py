@@ -74,7 +74,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.sample_frames": POSITIVE,
     "train.t_logit_std": POSITIVE_NUMBER,
     "train.resume_step": (lambda v: v is None or _non_negative(v), "None or an integer >= 0"),
-    "data.source": _one_of("moving_digits", "video_folder"),
+    "data.source": _one_of("moving_digits", "video_folder", "latent_clips"),
     "data.num_frames": POSITIVE,
     "data.channels": POSITIVE,
     "data.fps": POSITIVE_NUMBER,

@@ -10,6 +10,7 @@ of it (per-process batch = global / processes).
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -28,6 +29,7 @@ class TrainInputs:
   seed: int
   use_labels: bool
   example_shape: tuple     # (T, H, W, C) of one clip
+  latents: bool = False    # records hold float32 VAE latents ('latents'), not uint8 'video'
 
   def check_model(self, model) -> None:
     """Clear errors when clips and model disagree (channels, patch size, chunk size)."""
@@ -57,6 +59,9 @@ class TrainInputs:
     keys = ("video", "labels") if self.use_labels else ("video",)
     for k in itertools.count(start_step):
       records = [self.source[int(i)] for i in np.asarray(order[k])[mine]]
+      if self.latents:  # already normalised latents: the model's input as stored
+        yield {"video": np.stack([np.asarray(r["latents"], np.float32) for r in records])}
+        continue
       raw = {key: np.stack([np.asarray(r[key]) for r in records]) for key in keys}
       batch = pipeline.to_model_inputs(raw)
       yield {key: batch[key] for key in keys}
@@ -74,7 +79,15 @@ def _builder(config):
     h, w = d.frame_size
     return video_folder.prepare(d.folder, d.dir, num_frames=d.num_frames, height=h, width=w,
                                 fps=d.fps, channels=d.channels)
-  raise UserError(f"data.source={d.source!r} must be 'moving_digits' or 'video_folder'")
+  if d.source == "latent_clips":  # a dataset written by --mode=encode (data/latent_clips.py)
+    if not d.get("latents"):
+      raise UserError("data.source='latent_clips' needs --config.data.latents=DIR (the dataset "
+                      "directory --mode=encode printed)")
+    if not os.path.isdir(d.latents):
+      raise UserError(f"--config.data.latents={d.latents} is not a directory")
+    return d.latents
+  raise UserError(f"data.source={d.source!r} must be 'moving_digits', 'video_folder' or "
+                  "'latent_clips'")
 
 
 def make_train_inputs(config) -> TrainInputs:
@@ -84,13 +97,24 @@ def make_train_inputs(config) -> TrainInputs:
   except DataError as e:
     raise UserError(str(e)) from None
   example = source[0]
+  latents = config.data.source == "latent_clips"
+  if latents and "latents" not in example:
+    raise UserError(f"{config.data.latents} is not a latent_clips dataset (its records have "
+                    f"{sorted(example)})")
   use_labels = config.model.cond == "labels"
   if use_labels and "labels" not in example:
     raise UserError(f"model.cond='labels' but data.source={config.data.source!r} has no labels;"
                     " use --config.model.cond=none")
+  shape = tuple(np.asarray(example["latents" if latents else "video"]).shape)
+  if config.data.source != "moving_digits":
+    want = (int(config.data.num_frames), *frame_hw(config))
+    if shape[:3] != want:  # the sampler generates frame_hw(config): train on that size
+      raise UserError(f"the {config.data.source} clips are {shape[:3]} (frames, height, width) "
+                      f"but the config says data.num_frames={want[0]}, "
+                      f"data.frame_size={want[1:]}")
   return TrainInputs(source=source, batch_size=int(config.train.batch_size),
-                     seed=int(config.seed), use_labels=use_labels,
-                     example_shape=tuple(np.asarray(example["video"]).shape))
+                     seed=int(config.seed), use_labels=use_labels, example_shape=shape,
+                     latents=latents)
 
 
 def make_split_source(config, split: str):
