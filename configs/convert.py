@@ -70,6 +70,8 @@ def convert_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.teacher_workdir = placeholder(str)  # --workdir of the all-softmax teacher (--mode=train)
   c.teacher_step = placeholder(int)     # teacher checkpoint step; None = latest
+  c.teacher_dtype = "float32"  # storage of the frozen teacher's matrices in the stages:
+  #                              "bfloat16" halves them (computation stays in model.dtype)
   c.table_only = False         # print the parameter table of config.model and stop
   c.seed = 0                   # init seed of the new parameters (gates, LoRA A)
   c.hybrid = ml_collections.ConfigDict()

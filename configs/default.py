@@ -58,6 +58,9 @@ def model_config() -> ml_collections.ConfigDict:
   m.gdn_chunk_size = 32        # sub-chunk C of the chunked WY/UT gated delta rule; at most
   #                              the tokens per AR chunk (here 2 frames x 16 = 32), else padded
   m.remat = False              # rematerialise each block in the backward pass (saves memory)
+  m.remat_policy = "nothing"   # with remat, what a block keeps: "nothing" (its input only;
+  #                              the smallest) or "dots" (also the matmul outputs without batch
+  #                              dims: less recompute, more memory); chosen by --mode=compile
   return m
 
 
@@ -197,7 +200,12 @@ def compile_config() -> ml_collections.ConfigDict:
   a = ml_collections.ConfigDict()
   a.clip_chunks = 2            # --mode=compile: chunks per training clip
   a.cond_tokens = 16           # --mode=compile: conditioning tokens for model.cond="embeddings"
-  a.sample_batch = 1           # --mode=compile: batch of the sampler step
+  a.sample_batch = 1           # --mode=compile: batch of the sampler step (and VAE decode)
+  a.steps = ("train", "sample")  # --mode=compile: which steps, of train, stage1, stage2_tf,
+  #                              stage2_rollout (need a `convert` section), sample, vae_decode
+  #                              (needs configs/wan.py)
+  a.vae_latents = 3            # --mode=compile vae_decode: latents per decode step
+  a.device_memory_gib = 80.0   # --mode=compile: the verdict's device memory (H100/A100 80 GB)
   return a
 
 

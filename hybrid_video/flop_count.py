@@ -5,12 +5,13 @@ the work of a `lax.scan` (the blocked cache attention sweeps a growing number of
 the chunked GDN scans its sub-chunks). This walks the jaxpr instead:
 
   dot_general             2 * prod(output shape) * prod(contracted sizes)
+  conv_general_dilated    2 * prod(output shape) * prod(kernel window) * in_features / groups
   scan                    body * length
   cond                    the most expensive branch
   while                   body once (the trip count is not static; it is reported as such)
   any other sub-jaxpr     once (pjit, remat, custom_vjp/jvp, shard_map, ...)
 
-Only matrix products are counted: they are the work that grows with the history. Pallas
+Only matrix products (and convolutions, which are matrix products over a window) are counted: they are the work that grows with the history. Pallas
 kernels are opaque here (their body would count once per call, not per grid step).
 """
 
@@ -42,6 +43,13 @@ def matmul_flops(jaxpr) -> float:
       lhs = eqn.invars[0].aval.shape
       out = eqn.outvars[0].aval.shape
       total += 2.0 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
+    elif name == "conv_general_dilated":
+      dn = eqn.params["dimension_numbers"]
+      rhs = eqn.invars[1].aval.shape
+      out = eqn.outvars[0].aval.shape
+      window = math.prod(rhs[d] for d in dn.rhs_spec[2:])
+      in_features = rhs[dn.rhs_spec[1]]  # per group already
+      total += 2.0 * math.prod(out) * window * in_features
     elif name == "pallas_call":
       continue
     elif name == "cond":

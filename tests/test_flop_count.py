@@ -19,6 +19,16 @@ def test_dot_and_batched_einsum():
       2 * 2 * 3 * 4 * 5
 
 
+def test_convolution_counts_window_times_input_features():
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "VALID",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  # output 1 x 6 x 5 x 7, window 3 x 2, 4 input features
+  assert _flops(conv, (1, 8, 6, 4), (3, 2, 4, 7)) == 2 * (6 * 5 * 7) * (3 * 2) * 4
+  grouped = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2)
+  assert _flops(grouped, (1, 8, 6, 4), (3, 2, 2, 6)) == 2 * (6 * 5 * 6) * (3 * 2) * 2
+
+
 def test_scan_counts_every_trip_and_jit_and_cond_count_once():
   def body(c, _):
     return c @ c, None

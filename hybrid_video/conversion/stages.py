@@ -23,7 +23,7 @@ from hybrid_video.conversion.losses import make_diagnostics_fn, rollout_model_co
 from hybrid_video.conversion.surgery import BACKEND_FIELDS, copy_config, trainable_filter
 from hybrid_video.errors import CheckpointError, UserError
 from hybrid_video.metrics import MetricWriter, read_jsonl
-from hybrid_video.nn.model import CausalDiT, abstract_model
+from hybrid_video.nn.model import CausalDiT, abstract_model, stored_params
 from hybrid_video.optim import make_optimizer, make_schedule
 from hybrid_video.train import run_loop
 from hybrid_video.train_state import apply_gradients, init_train_state
@@ -49,6 +49,14 @@ def load_teacher(config) -> tuple[CausalDiT, ml_collections.ConfigDict, int]:
   teacher, cfg, step = restore_lib.load_model(config, workdir, ccfg.teacher_step,
                                               model_overrides=backends)
   return teacher, copy_config(cfg.model), step
+
+
+def stored_teacher(teacher_params, teacher_dtype: str):
+  """The frozen teacher's parameters as a stage holds them: an input of the step (no optimizer
+  state, no gradient), its matrices in bfloat16 when convert.teacher_dtype says so."""
+  if teacher_dtype not in ("float32", "bfloat16"):
+    raise UserError(f"convert.teacher_dtype={teacher_dtype!r}: choose float32 or bfloat16")
+  return stored_params(teacher_params, teacher_dtype)
 
 
 # -- stage training --------------------------------------------------------------------------------
@@ -108,6 +116,7 @@ def run_stage(name: str, stage: int, student: CausalDiT, teacher: CausalDiT, scf
   layers = student.hybrid_layers
   graphdef, trainable, frozen = nnx.split(student, trainable_filter(stage), ...)
   teacher_graphdef, teacher_params = nnx.split(teacher)
+  teacher_params = stored_teacher(teacher_params, config.convert.get("teacher_dtype", "float32"))
   loss_graphdef, loss_teacher_graphdef = graphdef, teacher_graphdef
   if rollout_cfg is not None:  # same parameters, bounded-cache graph
     rcfg = scfg.rollout

@@ -64,6 +64,10 @@ class CausalDiT(nnx.Module):
     self.head_dim = self.dim // self.num_heads
     self.rope_theta = float(cfg.rope_theta)
     self.remat = bool(cfg.get("remat", False))
+    self.remat_policy = str(cfg.get("remat_policy", "nothing") or "nothing")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise UserError(f"model.remat_policy={self.remat_policy!r}: choose "
+                      f"{', '.join(REMAT_POLICIES)}")
     self.sink_chunks = int(cfg.kv_cache.sink_chunks)
     self.window_chunks = int(cfg.kv_cache.window_chunks)
     if self.window_chunks < 0 or self.sink_chunks < 0:
@@ -166,7 +170,7 @@ class CausalDiT(nnx.Module):
       return constrain(xc, ax.ACTIVATION), constrain(xn, ax.ACTIVATION)
 
     if self.remat:  # recompute block activations in the backward pass
-      run_block = nnx.remat(run_block)
+      run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.remat_policy])
     xc, xn = constrain(xc, ax.ACTIVATION), constrain(xn, ax.ACTIVATION)
     for block in self.blocks:
       xc, xn = run_block(block, xc, xn)
@@ -310,6 +314,13 @@ class CountingRngs(ShapeOnlyRngs):
     return key
 
 
+# model.remat_policy -> what a rematerialised block keeps from its forward pass.
+REMAT_POLICIES = {
+    "nothing": None,  # jax.checkpoint's default: keep only the block inputs, recompute the rest
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
 def abstract_model(cfg) -> CausalDiT:
   """The model with ShapeDtypeStruct parameters (nothing allocated; shapes and structure only)."""
   try:
@@ -321,3 +332,31 @@ def abstract_model(cfg) -> CausalDiT:
 def count_params(model: CausalDiT) -> int:
   state = nnx.state(model, nnx.Param)
   return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+
+
+def storage_dtype(path: Path, dtype, weights_dtype: str):
+  """bfloat16 storage covers the matrices (Linear kernels, phi, LoRA factors) except the time
+  embedder's; biases, norms, modulation tables and the gates' A_log / dt_bias stay float32, as
+  Wan keeps its modulation and norms in float32."""
+  if weights_dtype == "float32" or not jnp.issubdtype(dtype, jnp.floating):
+    return dtype
+  if path[0] == "time_embed" or path[-1] not in ("kernel", "a", "b", "phi_q", "phi_k", "phi_v"):
+    return dtype
+  return jnp.bfloat16
+
+
+def stored_params(params, weights_dtype: str):
+  """`params` (arrays or ShapeDtypeStructs, an nnx.State) with the storage of `storage_dtype`:
+  matrices in bfloat16 when weights_dtype is "bfloat16"; computation still runs in model.dtype
+  (bf16 x fp32 promotes to fp32)."""
+  flat = nnx.to_flat_state(params)
+
+  def cast(path, x):
+    dtype = storage_dtype(tuple(path), x.dtype, weights_dtype)
+    if dtype == x.dtype:
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
+
+  return nnx.from_flat_state([(p, v.replace(cast(p, v.value))) for p, v in flat])

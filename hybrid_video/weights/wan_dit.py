@@ -57,7 +57,8 @@ from hybrid_video import sharding as sharding_lib
 from hybrid_video.checkpoint import Checkpointer
 from hybrid_video.nn.lora import lora_settings
 from hybrid_video.nn.blocks import Block
-from hybrid_video.nn.model import CausalDiT, CountingRngs, abstract_model, resolve_hybrid_layers
+from hybrid_video.nn.model import (CausalDiT, CountingRngs, abstract_model, resolve_hybrid_layers,
+                                   storage_dtype)
 from hybrid_video.weights import io, pread
 from hybrid_video.weights.io import WeightsError
 from hybrid_video.weights.wan_dit_keys import (BLOCK_KEYS, GLOBAL_KEYS, HYBRID_KEYS,
@@ -158,17 +159,6 @@ def make_plan(model_cfg, params: Mapping[Path, Any], source: Source) -> Plan:
 
 
 # -- loading -------------------------------------------------------------------------------------
-
-
-def storage_dtype(path: Path, dtype, weights_dtype: str):
-  """bfloat16 storage covers the matrices (Linear kernels, phi, LoRA factors) except the time
-  embedder's; biases, norms, modulation tables and the gates' A_log / dt_bias stay float32, as
-  Wan keeps its modulation and norms in float32."""
-  if weights_dtype == "float32" or not jnp.issubdtype(dtype, jnp.floating):
-    return dtype
-  if path[0] == "time_embed" or path[-1] not in ("kernel", "a", "b", "phi_q", "phi_k", "phi_v"):
-    return dtype
-  return jnp.bfloat16
 
 
 def _flat(tree) -> dict[Path, Any]:

@@ -1,0 +1,111 @@
+"""--mode=compile for the conversion stages and the VAE decode step (train and sampler steps:
+tests/test_sharding.py), the verdict line, and the frozen teacher's bf16 storage."""
+
+from __future__ import annotations
+
+import collections
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import convert, wan
+from hybrid_video.conversion.stages import stored_teacher
+from hybrid_video.errors import UserError
+from hybrid_video.modes.compile import compile_main, verdict
+from hybrid_video.nn.model import CausalDiT
+from tests.helpers import tiny_model_config
+
+
+def test_verdict_line():
+  assert verdict(40 * 2**30, 80.0) == "fits: 40.00 GiB of 80 GiB per device (50%)"
+  assert verdict(81 * 2**30, 80.0).startswith("DOES NOT FIT: 81.00 GiB")
+
+
+def test_stored_teacher_keeps_norms_and_modulation_in_float32():
+  model = CausalDiT(tiny_model_config(0.0), rngs=nnx.Rngs(0))
+  _, params = nnx.split(model)
+  stored = stored_teacher(params, "bfloat16")
+  flat = dict(nnx.to_flat_state(stored))
+  kinds = collections.Counter((p[-1], str(v.value.dtype)) for p, v in flat.items())
+  assert kinds[("kernel", "bfloat16")] > 0 and ("bias", "bfloat16") not in kinds
+  assert all(str(v.value.dtype) == "float32" for p, v in flat.items() if p[0] == "time_embed")
+  for (p, a), (_, b) in zip(nnx.to_flat_state(params), nnx.to_flat_state(stored)):
+    np.testing.assert_allclose(np.asarray(b.value, np.float32), np.asarray(a.value), rtol=1e-2,
+                               atol=1e-6)
+  assert stored_teacher(params, "float32") is not None
+  with pytest.raises(UserError, match="teacher_dtype"):
+    stored_teacher(params, "float16")
+
+
+def _convert_config(**convert_fields):
+  c = convert.get_config("smoke")
+  c.model.num_layers = 2
+  c.convert.hybrid.layers = (0,)
+  c.mesh.data, c.mesh.fsdp = 2, 4
+  c.train.batch_size = 8
+  for k, v in convert_fields.items():
+    c.convert[k] = v
+  return c
+
+
+@pytest.mark.slow
+def test_compile_reports_every_conversion_step(capsys):
+  c = _convert_config(teacher_dtype="bfloat16")
+  c.compile.steps = ("stage1", "stage2_tf", "stage2_rollout")
+  c.compile.device_memory_gib = 1e-6  # nothing fits: the verdict must say so
+  results = compile_main(c, None)
+  out = capsys.readouterr().out
+  for name in c.compile.steps:
+    stats = results[name]
+    assert stats["temp_size_in_bytes"] > 0 and stats["matmul_flops"] > 0
+    assert stats["hybrid_layers"] == [0] and stats["teacher_dtype"] == "bfloat16"
+    assert stats["verdict"].startswith("DOES NOT FIT")
+    assert f"{name}  " in out
+  # stage 1 trains the new hybrid parameters only; stage 2 adds the LoRA factors
+  assert 0 < results["stage1"]["trainable_params"] < results["stage2_tf"]["trainable_params"]
+  # rollouts generate chunks: several times the teacher-forcing step's matmul work
+  assert results["stage2_rollout"]["matmul_flops"] > results["stage2_tf"]["matmul_flops"]
+
+
+@pytest.mark.slow
+def test_bf16_teacher_halves_its_argument_bytes():
+  """A bf16 teacher shrinks the step's arguments (the teacher is an argument; nothing else
+  changes)."""
+  def arguments(dtype):
+    c = _convert_config(teacher_dtype=dtype)
+    c.compile.steps = ("stage2_tf",)
+    return compile_main(c, None)["stage2_tf"]["argument_size_in_bytes"]
+  teacher_cfg = _convert_config().model
+  teacher = nnx.eval_shape(lambda: CausalDiT(teacher_cfg, rngs=nnx.Rngs(0)))
+  _, params = nnx.split(teacher)
+  saved = sum(x.size * 2 for x in jax.tree.leaves(stored_teacher(params, "bfloat16"))
+              if x.dtype == "bfloat16")  # bytes saved in all, over the 8 devices
+  got = arguments("float32") - arguments("bfloat16")
+  assert 0 < got <= saved and got >= saved / 8 * 0.9  # each device saves its shard (or more)
+
+
+def test_compile_step_errors():
+  c = wan.get_config("tiny")
+  c.compile.steps = ("stage1",)
+  with pytest.raises(UserError, match="needs a config with a `convert` section"):
+    compile_main(c, None)
+  c.compile.steps = ("nope",)
+  with pytest.raises(UserError, match="choose from"):
+    compile_main(c, None)
+  c = convert.get_config("smoke")
+  c.compile.steps = ("vae_decode",)
+  with pytest.raises(UserError, match="needs a Wan config"):
+    compile_main(c, None)
+
+
+@pytest.mark.slow
+def test_compile_vae_decode_step():
+  c = wan.get_config("tiny")
+  c.compile.steps = ("vae_decode",)
+  c.mesh.fsdp = -1
+  results = compile_main(c, None)["vae_decode"]
+  assert results["latents_shape"] == [1, 3, 8, 8, 16]
+  assert results["temp_size_in_bytes"] > 0 and results["matmul_flops"] > 1e9  # convolutions
+  assert results["verdict"].startswith("fits")
