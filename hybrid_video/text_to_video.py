@@ -26,7 +26,9 @@ import re
 import time
 from typing import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -121,6 +123,8 @@ class TextToVideo:
       raise UserError(f"the DiT generates {model.in_channels} latent channels but the VAE's "
                        f"z_dim is {vae.config.z_dim}")
     self.model, self.vae, self.embed_prompts = model, vae, embed_prompts
+    if mesh is not None:  # the VAE decodes the sampler's latents where they are: on the mesh
+      vae.state = jax.device_put(vae.state, NamedSharding(mesh, P()))
     self.latent_hw = tuple(int(s) for s in latent_hw)
     self.sampler = StreamingSampler(model, sampler_cfg, batch=1, frame_hw=self.latent_hw,
                                     mesh=mesh, rules=rules)

@@ -4,11 +4,13 @@ tests/modes/)."""
 
 import hashlib
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from configs.default import get_config
+from hybrid_video import sharding as sharding_lib
 from hybrid_video.errors import UserError
 from hybrid_video.nn.model import CausalDiT
 from hybrid_video.nn.vae import VAE, StreamingVAE, VAEConfig
@@ -83,3 +85,17 @@ def test_parse_prompt_schedule():
   for bad in ("", "   ", '5:"late start"', '0:"a" 0:"b"', '0:"a" 9:""', '0:"a" junk'):
     with pytest.raises(UserError):
       parse_prompt_schedule(bad)
+
+
+def test_on_a_mesh_equals_one_device(t2v):
+  """The DiT sharded over 8 fake devices (fsdp=4 x data=2), the VAE replicated: the same frames."""
+  want, _ = _run(t2v, [(0, "a cat walks"), (9, "it sits")], 5 + 8 + 8)
+  mesh_cfg = get_config().mesh
+  mesh_cfg.data, mesh_cfg.fsdp = 2, 4
+  mesh = sharding_lib.make_mesh(mesh_cfg)
+  vae = StreamingVAE(t2v.vae.module)
+  sharded = TextToVideo(t2v.model, t2v.sampler.scfg, vae, fake_embed, latent_hw=(4, 4),
+                        mesh=mesh, rules=sharding_lib.rules_from_config(mesh_cfg))
+  assert len(jax.tree.leaves(sharded.sampler.state)[0].devices()) == 8
+  got, _ = _run(sharded, [(0, "a cat walks"), (9, "it sits")], 5 + 8 + 8)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)

@@ -257,27 +257,38 @@ def measure(step, args, mesh, rules) -> dict:
   return stats
 
 
+def compile_steps(config, mesh, rules, steps, *, echo: bool = True) -> dict:
+  """{step name: per-device figures} of `steps` compiled for `mesh` (see the module doc)."""
+  unknown = [s for s in steps if s not in STEPS]
+  if unknown or not steps:
+    raise UserError(f"compile.steps={tuple(steps)}: choose from {', '.join(STEPS)}")
+  device_gib = float(config.compile.device_memory_gib)
+  planner = _Planner(config, mesh, rules)
+  results = {}
+  for name in steps:
+    step, args, extra = BUILDERS[name](planner)
+    stats = {**measure(step, args, mesh, rules), **extra}
+    stats["verdict"] = verdict(stats.get("total_per_device_bytes", 0), device_gib)
+    results[name] = stats
+    if echo:
+      _print(f"{name}  {json.dumps(extra)}", stats)
+  return results
+
+
 def compile_main(config, workdir: str | None = None, *, overrides=None) -> dict:
   del overrides
   steps = tuple(config.compile.steps)
-  unknown = [s for s in steps if s not in STEPS]
-  if unknown or not steps:
+  if not steps or any(s not in STEPS for s in steps):
     raise UserError(f"compile.steps={steps}: choose from {', '.join(STEPS)}")
-  device_gib = float(config.compile.device_memory_gib)
   mesh = sharding_lib.make_mesh(config.mesh)
   rules = sharding_lib.rules_from_config(config.mesh)
   print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices")
   model = abstract_model(config.model)
   print(f"parameters: {count_params(model):,}  hybrid layers: {list(model.hybrid_layers)}")
   results = {"mesh": dict(mesh.shape), "devices": jax.device_count(),
-             "params": count_params(model), "device_memory_gib": device_gib}
-  planner = _Planner(config, mesh, rules)
-  for name in steps:
-    step, args, extra = BUILDERS[name](planner)
-    stats = {**measure(step, args, mesh, rules), **extra}
-    stats["verdict"] = verdict(stats.get("total_per_device_bytes", 0), device_gib)
-    results[name] = stats
-    _print(f"{name}  {json.dumps(extra)}", stats)
+             "params": count_params(model),
+             "device_memory_gib": float(config.compile.device_memory_gib)}
+  results.update(compile_steps(config, mesh, rules, steps))
   if workdir and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "compile_analysis.json")

@@ -20,6 +20,7 @@ import json
 import os
 import time
 
+from hybrid_video import sharding as sharding_lib
 from hybrid_video.errors import UserError
 from hybrid_video.restore import load_model
 from hybrid_video.text import PromptCache, TextEncoder
@@ -44,9 +45,14 @@ def sample_text_main(config, workdir: str, *, overrides=None) -> list[str]:
   # The DiT: the workdir's checkpoint (written by --mode=import or --mode=convert).
   model, config, step = load_model(config, workdir, config.train.resume_step,
                                    cli_overrides=overrides)
+  # On a mesh (sampler.use_mesh): the DiT's parameters and carry, and umT5's parameters, are
+  # sharded over it (config.mesh); the VAE's are replicated.
+  mesh = sharding_lib.make_mesh(config.mesh) if config.sampler.use_mesh else None
+  rules = sharding_lib.rules_from_config(config.mesh) if mesh is not None else None
   t0 = time.perf_counter()
   encoder = TextEncoder.from_pretrained(parts["text_encoder"], parts["tokenizer"],
-                                        umt5_config(parts["text_encoder"], tcfg.text_dtype))
+                                        umt5_config(parts["text_encoder"], tcfg.text_dtype),
+                                        mesh=mesh, rules=rules)
   if config.model.cond != "embeddings" or encoder.dim != int(config.model.text_dim):
     raise UserError(f"the text encoder gives {encoder.dim}-wide embeddings but the DiT takes "
                     f"model.cond={config.model.cond!r}, model.text_dim={config.model.text_dim}")
@@ -54,7 +60,8 @@ def sample_text_main(config, workdir: str, *, overrides=None) -> list[str]:
   vae = load_streaming_vae(parts["vae"], tcfg.vae_dtype)
   load_seconds = time.perf_counter() - t0
   latent_hw = tuple(int(s) for s in config.data.frame_size)
-  t2v = TextToVideo(model, config.sampler, vae, cache.get_or_encode, latent_hw=latent_hw)
+  t2v = TextToVideo(model, config.sampler, vae, cache.get_or_encode, latent_hw=latent_hw,
+                    mesh=mesh, rules=rules)
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
   paths = []
