@@ -15,6 +15,9 @@ Variants (`--config=configs/benchmark.py:VARIANT`):
   tiny      seconds, for tests
   wan1_3b   the Wan2.1-1.3B shapes (480x832 video: 60x104 latents, 1560 tokens per latent
             frame, 4680 per chunk); needs an accelerator, not run on CPU
+  paper     the same shapes, predicted without executing anything (matmul FLOPs per chunk up
+            to 84 chunks = 1005 frames, XLA's memory at 921 and 1005 frames) beside the paper's
+            2.26x / -54% / 43 GB (hybrid_video/modes/benchmark_predict.py)
 
 The model weights are a fresh initialisation: timing and memory do not depend on them.
 Every policy runs on the same backbone (width, depth, tokens per chunk); they differ only in the
@@ -49,6 +52,8 @@ def benchmark_config() -> ml_collections.ConfigDict:
   b.paper_latent_frames = 231  # the paper's horizon: 921 video frames = 231 latent frames
   b.fit_start_fraction = 0.25  # alpha is fitted on chunks n >= fit_start_fraction * num_chunks
   b.seed = 0                   # model init seed and sampling seed
+  b.predict = False            # predict at the model's shapes instead of running (FLOPs with
+  #                              loop trips, XLA's memory; nothing executed; variant paper)
   b.blas_threads = 1           # BLAS/LAPACK threads during the run (0 = leave as is): jaxlib's
   #                              CPU LAPACK calls run in OpenBLAS, whose own threads stall
   #                              steps on a busy machine
@@ -84,6 +89,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.benchmark.num_chunks = 12
     c.benchmark.repeats = 1
     c.benchmark.window_chunks = 3
+  elif variant == "paper":       # the paper's comparison predicted, nothing executed
+    c.model = default.wan1_3b_model()
+    c.sampler = default.wan1_3b_sampler(c.sampler)
+    c.benchmark.frame_hw = (60, 104)
+    c.benchmark.cond_tokens = 512
+    c.benchmark.num_chunks = 84  # 252 latent frames = 1005 video frames
+    c.benchmark.predict = True
   elif variant == "wan1_3b":
     c.model = default.wan1_3b_model()
     c.sampler = default.wan1_3b_sampler(c.sampler)
@@ -91,5 +103,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.benchmark.frame_hw = (60, 104)
     c.benchmark.cond_tokens = 512  # umT5 text length in Wan
   else:
-    raise ValueError(f"unknown benchmark variant {variant!r}; choose cpu, tiny, wan1_3b")
+    raise ValueError(f"unknown benchmark variant {variant!r}; choose cpu, tiny, wan1_3b, paper")
   return c

@@ -3,11 +3,9 @@
 (One file, ~480 lines: the policies, the interleaved timing loop and its summary are one
 measurement protocol; the report is benchmark_report.py.)
 
-Policies (same width, depth and tokens per chunk; they differ only in each layer's attention):
-  softmax_full    every layer softmax, full K/V cache (grows by doubling: one compile each)
-  softmax_window  every layer softmax, cache bounded to sink + window chunks
-  arl2_50/75/100  ARL2 with 50/75/100% hybrid layers (earliest first); the remaining softmax
-                  layers keep a full K/V cache, as in the authors' released code
+Policies: hybrid_video/modes/benchmark_policies.py (full caches grow by doubling here: one
+compile each). benchmark.predict=True predicts the comparison at the paper's shapes instead,
+executing nothing (hybrid_video/modes/benchmark_predict.py, configs/benchmark.py:paper).
 
 Timing. Every cache capacity a policy will use is compiled (and run once) before any timing:
 "warm every capacity first". The timed passes then build no executable; this is checked and
@@ -51,12 +49,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from hybrid_video.modes import benchmark_report
+from hybrid_video.modes import benchmark_predict, benchmark_report
+from hybrid_video.modes.benchmark_policies import POLICIES, policy_model_config
 from hybrid_video.streaming import ChunkRunner
 from hybrid_video.xla_analysis import generate_analysis
 from hybrid_video.errors import UserError
@@ -64,18 +62,6 @@ from hybrid_video.nn.model import CausalDiT, carry_bytes, count_params
 from hybrid_video.run_info import (blas_info, blas_threads_limit, device_memory, hardware_info,
                                    peak_rss_bytes, provenance, rss_bytes)
 
-
-def _policy(ratio: float, bounded: bool = False):
-  return {"ratio": ratio, "bounded": bounded}
-
-
-POLICIES = {
-    "softmax_full": _policy(0.0),
-    "softmax_window": _policy(0.0, bounded=True),
-    "arl2_50": _policy(0.5),
-    "arl2_75": _policy(0.75),
-    "arl2_100": _policy(1.0),
-}
 
 # The benchmark's targets (issue 7; the paper's Table for 75%).
 TARGETS = {
@@ -87,19 +73,6 @@ TARGETS = {
 
 
 # -- pieces ----------------------------------------------------------------------------------------
-
-
-def policy_model_config(model_cfg, name: str, bcfg) -> ml_collections.ConfigDict:
-  """The benchmark backbone with the attention of policy `name`."""
-  if name not in POLICIES:
-    raise UserError(f"unknown benchmark policy {name!r}; choose from {sorted(POLICIES)}")
-  p = POLICIES[name]
-  cfg = ml_collections.ConfigDict(model_cfg.to_dict())
-  cfg.hybrid.layers = None
-  cfg.hybrid.ratio = p["ratio"]
-  cfg.kv_cache.sink_chunks = int(bcfg.sink_chunks) if p["bounded"] else 0
-  cfg.kv_cache.window_chunks = int(bcfg.window_chunks) if p["bounded"] else 0
-  return cfg
 
 
 def paper_horizon_chunks(frames_per_chunk: int, paper_latent_frames: int = 231) -> int:
@@ -468,10 +441,18 @@ def benchmark_main(config, workdir: str, *, overrides=None) -> dict:
   """--mode=benchmark: run, then write <workdir>/benchmark/{benchmark.json, *.png} and print."""
   if "benchmark" not in config:
     raise UserError("--mode=benchmark needs a benchmark config: "
-                    "--config=configs/benchmark.py[:cpu|tiny|wan1_3b]")
-  results = run_benchmark(config, progress=bool(config.progress))
+                    "--config=configs/benchmark.py[:cpu|tiny|wan1_3b|paper]")
   out_dir = os.path.join(workdir, "benchmark")
   os.makedirs(out_dir, exist_ok=True)
+  if config.benchmark.get("predict", False):  # nothing executed: benchmark_predict.py
+    results = benchmark_predict.predict(config, progress=bool(config.progress))
+    path = os.path.join(out_dir, "prediction.json")
+    with open(path, "w") as f:
+      json.dump(results, f, indent=1)
+    print(benchmark_predict.table(results))
+    print(f"wrote {path}")
+    return results
+  results = run_benchmark(config, progress=bool(config.progress))
   results["plots"] = benchmark_report.plot(results, out_dir)
   path = os.path.join(out_dir, "benchmark.json")
   with open(path, "w") as f:

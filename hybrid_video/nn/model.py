@@ -63,6 +63,9 @@ class CausalDiT(nnx.Module):
     self.num_heads = int(cfg.num_heads)
     self.head_dim = self.dim // self.num_heads
     self.rope_theta = float(cfg.rope_theta)
+    # The softmax layers' K/V caches hold K and V as the projections give them: in the compute
+    # dtype (bf16 in the Wan configs; the values are the same as an fp32 cache would hold).
+    self.cache_dtype = jnp.dtype(cfg.get("dtype") or "float32")
     self.remat = bool(cfg.get("remat", False))
     self.remat_policy = str(cfg.get("remat_policy", "nothing") or "nothing")
     if self.remat_policy not in REMAT_POLICIES:
@@ -192,8 +195,10 @@ class CausalDiT(nnx.Module):
     return max(int(requested_chunks), 1)
 
   def init_carry(self, batch: int, frame_hw, capacity_chunks: int = 1,
-                 cache_dtype=jnp.float32) -> Carry:
-    """Empty carry: zero states, empty K/V caches of `capacity_chunks` slots (see grow_carry)."""
+                 cache_dtype=None) -> Carry:
+    """Empty carry: zero states, empty K/V caches of `capacity_chunks` slots (see grow_carry) in
+    `cache_dtype` (default: the model's compute dtype)."""
+    cache_dtype = self.cache_dtype if cache_dtype is None else cache_dtype
     fp, hp, wp = self.chunk_grid(frame_hw)
     chunk_len = fp * hp * wp
     cap = self.cache_capacity(capacity_chunks) if self.softmax_layers else 0
@@ -334,7 +339,7 @@ def count_params(model: CausalDiT) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
 
 
-def storage_dtype(path: Path, dtype, weights_dtype: str):
+def storage_dtype(path: tuple, dtype, weights_dtype: str):
   """bfloat16 storage covers the matrices (Linear kernels, phi, LoRA factors) except the time
   embedder's; biases, norms, modulation tables and the gates' A_log / dt_bias stay float32, as
   Wan keeps its modulation and norms in float32."""

@@ -98,3 +98,29 @@ def test_unknown_policy_is_a_user_error():
   config.benchmark.policies = ("softmax_full", "nope")
   with pytest.raises(UserError, match="nope"):
     bench.run_benchmark(config, num_chunks=3, progress=False)
+
+
+@pytest.mark.slow
+def test_predicted_comparison_at_the_paper_horizons(tmp_path):
+  """benchmark.predict: nothing executed; FLOPs per chunk from traces (affine in the swept keys,
+  checked), memory from XLA at the 921- and 1005-frame horizons."""
+  c = get_config("tiny")
+  c.model.frames_per_chunk = 3
+  c.benchmark.frame_hw = (16, 16)
+  c.benchmark.predict = True
+  c.benchmark.num_chunks = 84
+  c.benchmark.policies = ("softmax_full", "arl2_100")
+  c.benchmark.candidate = "arl2_100"
+  c.progress = False
+  r = bench.benchmark_main(c, str(tmp_path))
+  assert r["horizons"] == {921: 77, 1005: 84}
+  soft, hyb = r["policies"]["softmax_full"], r["policies"]["arl2_100"]
+  assert len(soft["flops_per_chunk"]) == 84
+  assert len(set(hyb["flops_per_chunk"])) == 1                 # constant work per chunk
+  assert np.all(np.diff(soft["flops_per_chunk"]) >= 0) and soft["flops_per_chunk"][-1] > \
+      3 * soft["flops_per_chunk"][0]                            # grows with the history
+  assert soft["memory"]["1005"]["footprint"] > soft["memory"]["921"]["footprint"]
+  assert hyb["memory"]["1005"] == hyb["memory"]["921"]
+  cmp = r["comparison"]["921"]
+  assert cmp["speedup"] > 1 and 0 < cmp["memory_reduction"] < 1
+  assert os.path.exists(tmp_path / "benchmark" / "prediction.json")
