@@ -164,3 +164,82 @@ def digit_classifier(digit_size: int, interpolation: str = "bilinear",
                      ink_threshold: float = 0.25) -> DigitClassifier:
   """The classifier for a digit size, trained once per process (about a second)."""
   return DigitClassifier(digit_size, interpolation, ink_threshold=ink_threshold)
+
+
+# -- metrics of a generated video without its ground truth (the main job's targets) -------------
+
+
+@dataclasses.dataclass
+class FrameDigits:
+  """What one frame shows: ink blobs and the largest one's centre and crop."""
+  blobs: np.ndarray        # int [T]: connected ink components of at least min_blob pixels
+  centre: np.ndarray       # float [T, 2]: ink-weighted centre (row, col) of the largest blob
+  crop: np.ndarray         # float [T, s, s]: digit-size window centred there (zero padded)
+
+
+def frame_digits(frames: np.ndarray, digit_size: int, *, ink_threshold: float = 0.25,
+                 min_blob: int = 4) -> FrameDigits:
+  """Blobs, centre and crop of each frame [T, H, W] in [0, 1] (8-connected components of pixels
+  >= ink_threshold; blobs smaller than min_blob pixels are speckle, not digits)."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  frames = np.asarray(frames, np.float32)
+  t, h, w = frames.shape
+  s = int(digit_size)
+  blobs = np.zeros(t, np.int64)
+  centre = np.full((t, 2), np.nan)
+  crop = np.zeros((t, s, s), np.float32)
+  padded = np.pad(frames, ((0, 0), (s, s), (s, s)))
+  for i, frame in enumerate(frames):
+    labels, n = ndimage.label(frame >= ink_threshold, structure=np.ones((3, 3)))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    big = np.flatnonzero(sizes >= min_blob) + 1
+    blobs[i] = len(big)
+    if not len(big):
+      continue
+    largest = big[np.argmax(sizes[big - 1])]
+    weight = np.where(labels == largest, frame, 0.0)
+    rows, cols = np.indices(frame.shape)
+    centre[i] = (weight * rows).sum() / weight.sum(), (weight * cols).sum() / weight.sum()
+    r0 = int(np.floor(centre[i, 0] - (s - 1) / 2 + 0.5)) + s
+    c0 = int(np.floor(centre[i, 1] - (s - 1) / 2 + 0.5)) + s
+    crop[i] = padded[i, r0:r0 + s, c0:c0 + s]
+  return FrameDigits(blobs=blobs, centre=centre, crop=crop)
+
+
+def video_digit_report(frames: np.ndarray, label: int | None, classifier: DigitClassifier, *,
+                       max_step_px: float = 3.0, ink_threshold: float = 0.25) -> dict:
+  """The main job's three figures for one video [T, H, W] in [0, 1] conditioned on `label`:
+    label_rate         frames whose digit (the largest blob, cropped around its centre) the
+                       classifier reads as `label` (None: not computed)
+    single_digit_rate  frames showing exactly one digit-sized blob
+    steady_rate        consecutive frame pairs, both with a digit, whose centres are at most
+                       max_step_px apart (pairs where either frame has no digit count as not
+                       steady)
+  plus the per-frame predictions and per-pair centre displacements."""
+  d = frame_digits(frames, classifier.digit_size, ink_threshold=ink_threshold)
+  predicted = classifier.predict(d.crop)
+  predicted = np.where(d.blobs > 0, predicted, -1)
+  step = np.linalg.norm(np.diff(d.centre, axis=0), axis=-1)  # nan where a frame has no digit
+  steady = np.where(np.isnan(step), False, step <= max_step_px)
+  return {
+      "frames": int(len(d.blobs)),
+      "label": None if label is None else int(label),
+      "label_rate": None if label is None else float(np.mean(predicted == int(label))),
+      "single_digit_rate": float(np.mean(d.blobs == 1)),
+      "steady_rate": float(np.mean(steady)) if len(steady) else 1.0,
+      "predicted": predicted.tolist(),
+      "displacement_px": [None if np.isnan(x) else float(x) for x in step],
+  }
+
+
+def identity_after_gap(frames: np.ndarray, label: int, gap_end: int,
+                       classifier: DigitClassifier, *, window: int = 8,
+                       ink_threshold: float = 0.25) -> float:
+  """Fraction of the `window` frames from `gap_end` on whose digit the classifier reads as
+  `label` (the digit's identity had to come from the frames before the gap)."""
+  part = np.asarray(frames, np.float32)[gap_end:gap_end + window]
+  if not len(part):
+    raise ValueError(f"gap_end={gap_end} is past the video's {len(frames)} frames")
+  d = frame_digits(part, classifier.digit_size, ink_threshold=ink_threshold)
+  predicted = np.where(d.blobs > 0, classifier.predict(d.crop), -1)
+  return float(np.mean(predicted == int(label)))

@@ -71,7 +71,8 @@ def test_resume_is_bit_identical(tmp_path, data_dir):
 def test_smoke_main_job_end_to_end(tmp_path, data_dir):
   workdir = str(tmp_path / "run")
   r = run_main("--config=configs/default.py:smoke", f"--workdir={workdir}",
-               f"--config.data.dir={data_dir}", "--config.sampler.num_frames=18")
+               f"--config.data.dir={data_dir}", "--config.sampler.num_frames=18",
+               "--config.train.max_minutes=0")  # all 30 steps, however busy the machine
   assert r.returncode == 0, r.stderr[-3000:]
   path = os.path.join(workdir, "samples", "final_step_0000030.mp4")
   assert f"video: {path}" in r.stdout
@@ -80,6 +81,11 @@ def test_smoke_main_job_end_to_end(tmp_path, data_dir):
   assert video.shape[1:] == (64, 64, 3)  # 16x16 canvas, upscaled 4x
   events = [f for f in os.listdir(os.path.join(workdir, "metrics")) if "tfevents" in f]
   assert events
+  # The main job's three figures, printed and written beside the video.
+  assert "  digits: label " in r.stdout and "centre moves <= 3 px" in r.stdout
+  with open(path[:-len(".mp4")] + "_digits.json") as f:
+    digits = json.load(f)
+  assert len(digits["predicted"]) == 18 and 0 <= digits["single_digit_rate"] <= 1
   # --mode=sample restores the latest checkpoint and streams a chosen length.
   r = run_main("--mode=sample", "--config=configs/default.py:smoke", f"--workdir={workdir}",
                f"--config.data.dir={data_dir}", "--config.sampler.num_frames=9")
