@@ -59,12 +59,17 @@ def noisy_inputs(x0, key, frames_per_chunk: int, tcfg):
   return add_noise(x0, eps, jnp.repeat(t, frames_per_chunk, axis=1)), t, eps
 
 
+def batch_condition(batch):
+  """A batch's conditioning: text embeddings ("cond") or labels ("labels"), or None."""
+  return batch["cond"] if "cond" in batch else batch.get("labels")
+
+
 def velocity_loss(model, batch, noisy) -> jax.Array:
   """MSE of the predicted velocity against eps - x0 on the noisy half of the teacher-forcing
   input [clean ; noisy]. noisy = (x_t, t, eps) from `noisy_inputs`."""
   x0 = batch["video"]
   x_t, t, eps = noisy
-  cond = batch["cond"] if "cond" in batch else batch.get("labels")  # embeddings or labels
+  cond = batch_condition(batch)
   pred = model.teacher_forcing(x0, x_t, t, cond)
   return jnp.mean(jnp.square(pred.astype(jnp.float32) - (eps - x0)))
 

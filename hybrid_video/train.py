@@ -28,7 +28,7 @@ from hybrid_video import checkpoint as ckpt_lib
 from hybrid_video import inputs as inputs_lib
 from hybrid_video import sharding as sharding_lib
 from hybrid_video.diagnostics import retention_scalars
-from hybrid_video.diffusion import flow_matching_loss, noisy_inputs, velocity_loss
+from hybrid_video.diffusion import batch_condition, flow_matching_loss, noisy_inputs, velocity_loss
 from hybrid_video.errors import NonFiniteLossError, UserError
 from hybrid_video.metrics import MetricWriter
 from hybrid_video.nn.model import CausalDiT
@@ -214,7 +214,7 @@ class Trainer:
     model = nnx.merge(self.graphdef, params)
     x0 = batch["video"]
     x_t, t, _ = noisy_inputs(x0, key, model.frames_per_chunk, self.tcfg)
-    cond = batch["cond"] if "cond" in batch else batch.get("labels")
+    cond = batch_condition(batch)
     return retention_scalars(model, x0, x_t, t, cond)
 
   def retention(self, step: int) -> dict:

@@ -16,7 +16,8 @@ from flax import nnx
 
 from hybrid_video.conversion.surgery import copy_config
 from hybrid_video.diagnostics import attention_inputs, diagnostics, teacher_attention_io
-from hybrid_video.diffusion import add_noise, noisy_inputs, sample_chunk_fn, sample_chunk_times
+from hybrid_video.diffusion import (add_noise, batch_condition, noisy_inputs, sample_chunk_fn,
+                                    sample_chunk_times)
 from hybrid_video.errors import UserError
 from hybrid_video.nn.model import CausalDiT
 
@@ -44,7 +45,7 @@ def make_alignment_loss(graphdef, teacher_graphdef, layers, scfg, frames_per_chu
     teacher = nnx.merge(teacher_graphdef, teacher_params)
     x0 = batch["video"]
     x_t, t, _ = noisy_inputs(x0, rng, frames_per_chunk, scfg)
-    record = teacher_attention_io(teacher, layers, x0, x_t, t, batch.get("labels"))
+    record = teacher_attention_io(teacher, layers, x0, x_t, t, batch_condition(batch))
     record = {i: {k: v if k == "num_chunks" else jax.lax.stop_gradient(v) for k, v in r.items()}
               for i, r in record.items()}
     return alignment_loss(student, record)
@@ -56,7 +57,7 @@ def make_distill_loss(graphdef, teacher_graphdef, scfg, frames_per_chunk):
   def loss_fn(trainable, frozen, teacher_params, batch, rng):
     student = nnx.merge(graphdef, trainable, frozen)
     teacher = nnx.merge(teacher_graphdef, teacher_params)
-    x0, cond = batch["video"], batch.get("labels")
+    x0, cond = batch["video"], batch_condition(batch)
     x_t, t, eps = noisy_inputs(x0, rng, frames_per_chunk, scfg)
     target = jax.lax.stop_gradient(teacher.teacher_forcing(x0, x_t, t, cond))
     pred = student.teacher_forcing(x0, x_t, t, cond)
@@ -98,7 +99,7 @@ def make_rollout_loss(graphdef, teacher_graphdef, sampler_cfg, scfg, chunk_shape
     fixed = nnx.merge(graphdef, jax.lax.stop_gradient(trainable), frozen)
     gen_graphdef, gen_state = nnx.split(fixed)
     sample_chunk = sample_chunk_fn(gen_graphdef, sampler_cfg, chunk_shape)
-    cond = batch.get("labels")
+    cond = batch_condition(batch)
     ctx_s, ctx_t = student.embed_condition(cond, b), teacher.embed_condition(cond, b)
     capacity = num_chunks
     carry = (student.init_carry(b, frame_hw, capacity), teacher.init_carry(b, frame_hw, capacity))
@@ -140,7 +141,7 @@ def make_diagnostics_fn(graphdef, teacher_graphdef, layers, scfg, frames_per_chu
   (the teacher's in stage 1, the student's own in stage 2)."""
   def fn(trainable, frozen, teacher_params, batch, rng):
     student = nnx.merge(graphdef, trainable, frozen)
-    x0, cond = batch["video"], batch.get("labels")
+    x0, cond = batch["video"], batch_condition(batch)
     x_t, t, _ = noisy_inputs(x0, rng, frames_per_chunk, scfg)
     if teacher_inputs:
       record = teacher_attention_io(nnx.merge(teacher_graphdef, teacher_params), layers, x0, x_t,

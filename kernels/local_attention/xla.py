@@ -35,6 +35,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -42,6 +43,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # these): the cache sweep's fp32 logits are [B, H, L, block] (2048 keys x 4680 queries x 12
 # heads = 0.46 GB at paper shapes), the teacher-forcing sweep's [B, 2, H, L, block].
 CACHE_KEY_BLOCK = 2048
+LOCAL_KEY_BLOCK = 2048  # the hybrid layers' intra-chunk attention: [B, H, L, block] per step
 TEACHER_FORCING_KEY_BLOCK = 2048
 
 
@@ -134,19 +136,106 @@ def _online_step(state, q, k, v, scale, mask):
   return m_new, alpha * l + p.sum(axis=-1), _rows(alpha) * acc + _weighted_values(p, v)
 
 
-def chunk_local_attention(q, k, v, *, scale=None):
+def chunk_local_attention(q, k, v, *, scale=None, key_block=None):
   """Bidirectional attention within each chunk only.
+
+  A chunk of at most `key_block` keys is scored at once ([B, N, H, L, L] logits). A longer one
+  (Wan: L = 4,680) is swept chunk by chunk and, within a chunk, in blocks of `key_block` keys
+  with an online softmax; a flash-style custom VJP recomputes each block from the saved
+  log-sum-exp, so neither pass keeps more than O(L x key_block) logits per chunk.
 
   Args:
     q, k, v: [B, N, L, H, D].
     scale: logit scale; defaults to D**-0.5.
+    key_block: keys per block (a positive int); None reads `LOCAL_KEY_BLOCK`.
 
   Returns:
     [B, N, L, H, D] in q.dtype.
   """
   scale = _default_scale(q, scale)
-  probs = jax.nn.softmax(_logits(q, k, scale, None), axis=-1)
-  return _weighted_values(probs, v).astype(q.dtype)
+  key_block = LOCAL_KEY_BLOCK if key_block is None else key_block
+  _check_key_block(key_block)
+  if q.shape[2] <= key_block:
+    probs = jax.nn.softmax(_logits(q, k, scale, None), axis=-1)
+    return _weighted_values(probs, v).astype(q.dtype)
+  per_chunk = lambda x: jnp.moveaxis(x, 1, 0)  # [N, B, L, H, D]: one chunk per map step
+  out = jax.lax.map(lambda qkv: _blocked_local(*qkv, scale, key_block),
+                    (per_chunk(q), per_chunk(k), per_chunk(v)))
+  return jnp.moveaxis(out, 0, 1)
+
+
+def _local_tail(num_keys, key_block):
+  """(full blocks, tail mask): the keys split into `full` whole blocks and, when key_block
+  does not divide num_keys, one more block shifted back to end at num_keys whose static bool
+  [block] mask keeps only the keys no whole block scored. Masks stay static (a traced per-block
+  mask is hoisted out of the loop by XLA as one [blocks, ..., L, block] array)."""
+  full, rest = divmod(num_keys, key_block)
+  if not rest:
+    return full, None
+  return full, np.arange(key_block) >= key_block - rest
+
+
+def _local_forward(q, k, v, scale, key_block):
+  """One chunk, q k v [B, L, H, D] -> (out fp32 [B, L, H, D], lse fp32 [B, H, L])."""
+  full, tail = _local_tail(k.shape[1], key_block)
+
+  def step(state, start):
+    return _online_step(state, q, _key_block(k, start, key_block),
+                        _key_block(v, start, key_block), scale, None), None
+
+  state = _online_start(q, _key_block(k, 0, key_block), _key_block(v, 0, key_block), scale)
+  state, _ = jax.lax.scan(step, state, jnp.arange(1, full) * key_block)
+  if tail is not None:
+    start = k.shape[1] - key_block
+    state = _online_step(state, q, _key_block(k, start, key_block),
+                         _key_block(v, start, key_block), scale, tail)
+  m, l, acc = state
+  return acc / _rows(l), m + jnp.log(l)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _blocked_local(q, k, v, scale, key_block):
+  return _local_forward(q, k, v, scale, key_block)[0].astype(q.dtype)
+
+
+def _blocked_local_fwd(q, k, v, scale, key_block):
+  out, lse = _local_forward(q, k, v, scale, key_block)
+  out = out.astype(q.dtype)
+  return out, (q, k, v, out, lse)
+
+
+def _blocked_local_bwd(scale, key_block, residuals, d_out):
+  """Flash backward: per key block, p = exp(s - lse) is recomputed; dq accumulates over the
+  blocks, dk and dv of a block come from that block alone (the tail block's keys that a whole
+  block scored are masked out, so their rows are zero)."""
+  q, k, v, out, lse = residuals
+  d_out = d_out.astype(jnp.float32)
+  delta = jnp.einsum('blhd,blhd->bhl', d_out, out.astype(jnp.float32))  # rowsum(dO * O)
+  full, tail = _local_tail(k.shape[1], key_block)
+
+  def block_grads(dq, start, mask):
+    kb, vb = _key_block(k, start, key_block), _key_block(v, start, key_block)
+    p = jnp.exp(_logits(q, kb, scale, mask) - lse[..., None])  # [B, H, L, block]
+    dv = jnp.einsum('bhqk,bqhd->bkhd', p, d_out, precision=_HIGHEST)
+    dp = jnp.einsum('bqhd,bkhd->bhqk', d_out, vb.astype(jnp.float32), precision=_HIGHEST)
+    ds = p * (dp - delta[..., None]) * scale
+    dq = dq + jnp.einsum('bhqk,bkhd->bqhd', ds, kb.astype(jnp.float32), precision=_HIGHEST)
+    dk = jnp.einsum('bhqk,bqhd->bkhd', ds, q.astype(jnp.float32), precision=_HIGHEST)
+    return dq, (dk, dv)
+
+  dq, (dk, dv) = jax.lax.scan(lambda dq, start: block_grads(dq, start, None),
+                              jnp.zeros(q.shape, jnp.float32), jnp.arange(full) * key_block)
+  b, rest = q.shape[0], k.shape[1] - full * key_block
+  tiles = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, full * key_block, *x.shape[3:])
+  dk, dv = tiles(dk), tiles(dv)
+  if tail is not None:  # the tail block's fresh rows are its last `rest`
+    dq, (dk_t, dv_t) = block_grads(dq, k.shape[1] - key_block, tail)
+    dk = jnp.concatenate([dk, dk_t[:, key_block - rest:]], axis=1)
+    dv = jnp.concatenate([dv, dv_t[:, key_block - rest:]], axis=1)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_blocked_local.defvjp(_blocked_local_fwd, _blocked_local_bwd)
 
 
 def cached_chunk_attention(q, k, v, k_cache, v_cache, cache_valid, *, scale=None,

@@ -70,6 +70,31 @@ def test_chunk_local_attention_matches_reference():
       xla.chunk_local_attention, reference.chunk_local_attention_reference, args)
 
 
+@pytest.mark.parametrize('key_block', [2, 3, 7])  # 3 and 2 do not divide L = 7; 7 does
+def test_blocked_chunk_local_attention_values_and_grads(key_block):
+  """The key-block sweep with its flash-style backward equals the dense reference (values and
+  the gradients of q, k and v), including the shifted last block."""
+  args = normals(5, *[(B, N, L, H, D)] * 3)
+  assert_values_and_grads_match(
+      functools.partial(xla.chunk_local_attention, key_block=key_block),
+      reference.chunk_local_attention_reference, args)
+
+
+def test_blocked_chunk_local_attention_temporaries_stay_flat():
+  """Compiled value-and-grad temporaries: the sweep's stay O(L x block) per chunk as L grows,
+  the dense path's grow as L^2."""
+  def temps(length, key_block):
+    x = jax.ShapeDtypeStruct((1, 2, length, 2, 8), jnp.float32)
+    loss = lambda q, k, v: jnp.sum(xla.chunk_local_attention(q, k, v, key_block=key_block))
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+  blocked = [temps(n, 64) for n in (1024, 2048, 4096)]
+  dense = [temps(n, 8192) for n in (1024, 2048, 4096)]
+  assert dense[2] > 3.5 * dense[1] > 3.5 ** 2 * dense[0]  # quadratic: 4x per doubling
+  assert blocked[2] < 2.2 * blocked[1] < 2.2 ** 2 * blocked[0]  # linear: 2x per doubling
+  assert blocked[2] < dense[2] / 16
+
+
 def test_chunk_local_attention_is_per_chunk():
   q, k, v = normals(1, *[(B, N, L, H, D)] * 3)
   out = jax.jit(xla.chunk_local_attention)(q, k, v)
