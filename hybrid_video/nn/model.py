@@ -173,7 +173,7 @@ class CausalDiT(nnx.Module):
       return constrain(xc, ax.ACTIVATION), constrain(xn, ax.ACTIVATION)
 
     if self.remat:  # recompute block activations in the backward pass
-      run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.remat_policy])
+      run_block = _rematerialised(run_block, REMAT_POLICIES[self.remat_policy])
     xc, xn = constrain(xc, ax.ACTIVATION), constrain(xn, ax.ACTIVATION)
     for block in self.blocks:
       xc, xn = run_block(block, xc, xn)
@@ -317,6 +317,18 @@ class CountingRngs(ShapeOnlyRngs):
     key = jax.random.fold_in(self.key, self.count)
     self.count += 1
     return key
+
+
+def _rematerialised(run_block, policy):
+  """`run_block(block, *xs)` under jax.checkpoint, on the block's split state: a pure function
+  of (state, xs), so parameters from any trace (frozen, trainable, LoRA, a teacher's) pass
+  through as inputs. (nnx.remat writes the state back into the module after the call, which
+  fails when the module merges parameters from two traces, as the conversion stages do.)"""
+  def run(block, *xs):
+    graphdef, state = nnx.split(block)
+    pure = lambda state, *xs: run_block(nnx.merge(graphdef, state), *xs)
+    return jax.checkpoint(pure, policy=policy)(state, *xs)
+  return run
 
 
 # model.remat_policy -> what a rematerialised block keeps from its forward pass.
