@@ -56,6 +56,15 @@ def tiny_model(ratio: float = 0.75, seed: int = 0, **kw) -> CausalDiT:
   return open_memory_gates(perturbed(model, seed=seed + 1))
 
 
+def jit_call(module, method: str, *args, **static):
+  """`module.method(*args, **static)` under a fresh jax.jit: eager dispatch on CPU compiles
+  every primitive on its own (tens of seconds for a tiny model's forward). A fresh jit per call,
+  so a monkeypatched method is traced anew; keyword arguments are static."""
+  graphdef, state = nnx.split(module)
+  fn = lambda state, *args: getattr(nnx.merge(graphdef, state), method)(*args, **static)
+  return jax.jit(fn)(state, *args)
+
+
 def rel_err(a, b) -> float:
   """max|a - b| / max|b|, on the host (a and b may live on different device sets)."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

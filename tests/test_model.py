@@ -11,7 +11,7 @@ from hybrid_video.nn.hybrid_attention import HybridAttention
 from hybrid_video.nn.model import CausalDiT, resolve_hybrid_layers
 from kernels.gated_delta.reference import naive_recurrent_gated_delta_rule
 from kernels.local_attention.reference import attention_reference
-from tests.helpers import rel_err, tiny_model, tiny_model_config
+from tests.helpers import jit_call, rel_err, tiny_model, tiny_model_config
 
 B, CHUNKS, F, HW = 2, 4, 2, 16
 TOL = 1e-5
@@ -53,7 +53,7 @@ def _stream_outputs(model, clean, noisy, t, labels, jit=True):
 def test_streaming_equals_teacher_forcing(ratio):
   model = tiny_model(ratio)
   clean, noisy, t, labels = _inputs()
-  tf = model.teacher_forcing(clean, noisy, t, labels)
+  tf = jit_call(model, "teacher_forcing", clean, noisy, t, labels)
   stream, _ = _stream_outputs(model, clean, noisy, t, labels)
   for n in range(CHUNKS):
     sl = slice(n * F, (n + 1) * F)
@@ -68,7 +68,7 @@ def test_streaming_equals_teacher_forcing_with_a_blocked_cache_sweep(monkeypatch
   monkeypatch.setattr(attention_xla, "CACHE_KEY_BLOCK", 48)  # not a divisor of the cache
   model = tiny_model(0.5)
   clean, noisy, t, labels = _inputs()
-  tf = model.teacher_forcing(clean, noisy, t, labels)
+  tf = jit_call(model, "teacher_forcing", clean, noisy, t, labels)
   stream, _ = _stream_outputs(model, clean, noisy, t, labels)
   tokens_per_chunk = int(np.prod(model.chunk_grid((HW, HW))))
   # The cache holds CHUNKS * 32 = 128 keys: three blocks of 48, the last shifted back.
@@ -81,7 +81,7 @@ def test_streaming_equals_teacher_forcing_single_frame_chunks_unconditional():
   from tests.helpers import open_memory_gates, perturbed
   model = open_memory_gates(perturbed(model, seed=4))
   clean, noisy, t, _ = _inputs(seed=1, chunks=5, frames_per_chunk=1)
-  tf = model.teacher_forcing(clean, noisy, t, None)
+  tf = jit_call(model, "teacher_forcing", clean, noisy, t, None)
   stream, _ = _stream_outputs(model, clean, noisy, t, None)
   assert rel_err(stream, tf) <= TOL
 
@@ -90,12 +90,12 @@ def test_memory_branch_matters(monkeypatch):
   """With the memory read removed, later chunks change: the test above is not vacuous."""
   model = tiny_model(1.0)
   clean, noisy, t, labels = _inputs()
-  full = model.teacher_forcing(clean, noisy, t, labels)
+  full = jit_call(model, "teacher_forcing", clean, noisy, t, labels)
   # gamma = 0 for every token and head: the output is the intra branch alone. (A large negative
   # w_gate kernel would not do: sigmoid(x W_gate) -> 1 wherever x sums negative.)
   monkeypatch.setattr(HybridAttention, "output_gate",
                       lambda self, x: jnp.zeros((*x.shape[:-1], self.num_heads), jnp.float32))
-  no_memory = model.teacher_forcing(clean, noisy, t, labels)
+  no_memory = jit_call(model, "teacher_forcing", clean, noisy, t, labels)
   assert rel_err(no_memory[:, :F], full[:, :F]) <= TOL  # chunk 0 has no memory term
   assert rel_err(no_memory[:, F:], full[:, F:]) > 1e-3
 
@@ -104,13 +104,13 @@ def test_memory_branch_matters(monkeypatch):
 def test_causality(ratio):
   model = tiny_model(ratio)
   clean, noisy, t, labels = _inputs()
-  out = model.teacher_forcing(clean, noisy, t, labels)
+  out = jit_call(model, "teacher_forcing", clean, noisy, t, labels)
   n = 1  # change chunk n+1 (clean and noisy) and everything after it
   changed_from = (n + 1) * F
   clean2 = clean.at[:, changed_from:].set(-clean[:, changed_from:])
   noisy2 = noisy.at[:, changed_from:].add(1.0)
   t2 = t.at[:, n + 1:].set(0.5)
-  out2 = model.teacher_forcing(clean2, noisy2, t2, labels)
+  out2 = jit_call(model, "teacher_forcing", clean2, noisy2, t2, labels)
   np.testing.assert_array_equal(np.asarray(out[:, :changed_from]),
                                 np.asarray(out2[:, :changed_from]))
   assert rel_err(out2[:, changed_from:], out[:, changed_from:]) > 1e-3
@@ -126,7 +126,7 @@ def test_hybrid_layer_reads_exactly_previous_state():
   x_clean = jax.random.normal(kx, (B, n_chunks * l, model.dim))
   x_noisy = jax.random.normal(kn, (B, n_chunks * l, model.dim))
   angles = rope_angles(0, n_chunks * F, 4, 4, d)
-  yc, yn = attn.teacher_forcing(x_clean, x_noisy, angles, n_chunks)
+  yc, yn = jit_call(attn, "teacher_forcing", x_clean, x_noisy, angles, num_chunks=n_chunks)
 
   # Independent reference: explicit states from the naive token scan over clean chunks only.
   c, z = attn.branches(x_clean, angles), attn.branches(x_noisy, angles)
@@ -214,9 +214,9 @@ def _with_memory(model_ratio, **memory):
 
 def test_token_read_ablation_streaming_equals_teacher_forcing_and_changes_output():
   clean, noisy, t, labels = _inputs()
-  block_out = tiny_model(0.75).teacher_forcing(clean, noisy, t, labels)
+  block_out = jit_call(tiny_model(0.75), "teacher_forcing", clean, noisy, t, labels)
   model = _with_memory(0.75, read="token")
-  tf = model.teacher_forcing(clean, noisy, t, labels)
+  tf = jit_call(model, "teacher_forcing", clean, noisy, t, labels)
   stream, _ = _stream_outputs(model, clean, noisy, t, labels)
   assert rel_err(stream, tf) <= TOL
   # Token read sees the chunk's own earlier tokens even in chunk 0: every chunk changes.
@@ -235,4 +235,5 @@ def test_write_during_denoising_ablation_changes_streaming_only_after_chunk_0():
   assert rel_err(ablation[:, :F], default[:, :F]) <= TOL
   assert rel_err(ablation[:, F:], default[:, F:]) > 1e-4
   with pytest.raises(ValueError, match="no teacher-forcing form"):
-    _with_memory(0.75, write_during_denoising=True).teacher_forcing(clean, noisy, t, labels)
+    jit_call(_with_memory(0.75, write_during_denoising=True), "teacher_forcing", clean, noisy, t,
+             labels)

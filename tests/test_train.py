@@ -21,7 +21,7 @@ def _step(model, tcfg, batch):
   return jax.jit(make_train_step(graphdef, tx, tcfg))(state, batch, jax.random.key(3))
 
 
-@pytest.mark.parametrize("accum", [2, 4])
+@pytest.mark.parametrize("accum", [4])  # 4 micro-batches of one clip each
 def test_gradient_accumulation_equals_one_step_on_the_whole_batch(accum):
   model = tiny_model(0.5)
   tcfg = get_config().train
@@ -40,8 +40,8 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch(accum):
     assert rel_err(a, b) <= 1e-4
   graphdef, params = nnx.split(model)
   rng = jax.random.key(11)
-  loss_w, g_whole = jax.value_and_grad(
-      lambda p: flow_matching_loss(nnx.merge(graphdef, p), batch, rng, tcfg))(params)
+  loss_w, g_whole = jax.jit(jax.value_and_grad(
+      lambda p: flow_matching_loss(nnx.merge(graphdef, p), batch, rng, tcfg)))(params)
   loss_m, g_micro = jax.jit(lambda p: accumulated_grads(graphdef, p, batch, rng, tcfg, accum))(
       params)
   assert abs(float(loss_m) - float(loss_w)) <= 1e-5 * abs(float(loss_w))
