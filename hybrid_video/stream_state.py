@@ -36,7 +36,8 @@ from hybrid_video.nn.model import Carry
 
 # Model fields that choose a back-end or a training-only trade-off, not the frames: a stream may
 # resume with them changed (e.g. on a machine where the Pallas kernels run).
-IMPL_FIELDS = ("attention_impl", "memory_impl", "kernel_interpret", "gdn_chunk_size", "remat")
+IMPL_FIELDS = ("attention_impl", "memory_impl", "kernel_interpret", "gdn_chunk_size", "remat",
+               "remat_policy")
 # Sampler fields that shape the frames (cache_chunks only sets the first cache size).
 SAMPLER_FIELDS = ("kind", "timesteps", "shift", "num_steps", "clip_x0", "seed")
 # Subfolder of checkpoints/ where old checkpoints wait to be deleted.

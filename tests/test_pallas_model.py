@@ -45,10 +45,12 @@ def test_pallas_model_teacher_forcing_and_grads_equal_xla(interpret):
 
   jaxpr = str(jax.make_jaxpr(lambda n: pallas.teacher_forcing(clean, n, t, labels))(noisy))
   assert "pallas_call" in jaxpr  # the Pallas kernels really run, not an XLA fallback
-  out_p, out_x = (m.teacher_forcing(clean, noisy, t, labels) for m in (pallas, xla))
+  forward = nnx.jit(lambda m: m.teacher_forcing(clean, noisy, t, labels))
+  out_p, out_x = (forward(m) for m in (pallas, xla))
   assert rel_err(out_p, out_x) <= TOL
   assert float(jnp.max(jnp.abs(out_x))) > 1e-2
-  (gp, gxp), (gx, gxx) = (nnx.grad(loss, argnums=(0, 1))(m, noisy) for m in (pallas, xla))
+  grad = nnx.jit(nnx.grad(loss, argnums=(0, 1)))
+  (gp, gxp), (gx, gxx) = (grad(m, noisy) for m in (pallas, xla))
   assert rel_err(gxp, gxx) <= TOL, "d loss / d noisy input"
   for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(nnx.state(gp)),
                                jax.tree_util.tree_leaves_with_path(nnx.state(gx))):
@@ -61,7 +63,7 @@ def test_pallas_model_streaming_equals_xla_and_teacher_forcing(interpret):
   clean, noisy, t, labels = _inputs()
   stream_p, carry_p = _stream_outputs(pallas, clean, noisy, t, labels)
   stream_x, carry_x = _stream_outputs(xla, clean, noisy, t, labels)
-  tf_x = xla.teacher_forcing(clean, noisy, t, labels)
+  tf_x = nnx.jit(lambda m: m.teacher_forcing(clean, noisy, t, labels))(xla)
   for n in range(CHUNKS):
     sl = slice(n * F, (n + 1) * F)
     assert rel_err(stream_p[:, sl], stream_x[:, sl]) <= TOL, f"chunk {n}: pallas vs xla"

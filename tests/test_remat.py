@@ -3,16 +3,20 @@ conversion stages (whose student merges trainable, frozen and LoRA parameters)."
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from configs.convert import stage_config
+from configs.convert import convert_config, stage_config
+from configs.default import get_config
+from hybrid_video import stream_state
+from hybrid_video.checkpoint import config_differences, config_to_json
 from hybrid_video.conversion.losses import make_distill_loss
 from hybrid_video.conversion.surgery import convert, student_model_config, trainable_filter
 from hybrid_video.diffusion import flow_matching_loss
-from configs.convert import convert_config
 from hybrid_video.nn.model import CausalDiT
 from tests.helpers import perturbed, rel_err, tiny_model_config
 
@@ -64,3 +68,18 @@ def test_remat_stage2_student_with_lora_and_frozen_parameters():
   assert float(l1) == pytest.approx(float(l0), rel=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
     assert rel_err(a, b) <= 1e-5
+
+
+def test_checkpoints_and_streams_from_before_remat_policy_stay_compatible():
+  """model.remat_policy is new: a checkpoint or stream saved without it still restores."""
+  config = get_config("smoke")
+  current = config_to_json(config)
+  old = copy.deepcopy(current)
+  del old["model"]["remat_policy"]
+  assert config_differences(old, current) == []
+  config.model.remat_policy = "dots"  # a stream may resume with another policy
+  fp = lambda cfg: stream_state.fingerprint(cfg, model_step=1, params="p", batch=1,
+                                            frame_hw=(16, 16), num_frames=8)
+  assert stream_state.differences(fp(get_config("smoke")), fp(config)) == []
+  config.model.dim = 64  # while a field that shapes the frames still counts
+  assert stream_state.differences(fp(get_config("smoke")), fp(config))
