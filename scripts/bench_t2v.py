@@ -97,8 +97,10 @@ def encoder_step(mesh, dtype: str = "bfloat16", tokens: int = 512) -> dict:
   model = umt5.abstract_encoder(config)
   graphdef, state = nnx.split(model)
   shardings = umt5.param_shardings(model, mesh)
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                       state, shardings)
+  state = jax.tree.map(
+      lambda v, s: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
+                                                sharding=s)),
+      state, shardings, is_leaf=lambda v: isinstance(v, nnx.Variable))
   ids = jax.ShapeDtypeStruct((1, tokens), jnp.int32, sharding=NamedSharding(mesh, P()))
 
   @jax.jit

@@ -376,4 +376,4 @@ def stored_params(params, weights_dtype: str):
       return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
     return x.astype(dtype)
 
-  return nnx.from_flat_state([(p, v.replace(cast(p, v.value))) for p, v in flat])
+  return nnx.from_flat_state([(p, v.replace(cast(p, v.get_value()))) for p, v in flat])

@@ -28,11 +28,12 @@ def test_stored_teacher_keeps_norms_and_modulation_in_float32():
   _, params = nnx.split(model)
   stored = stored_teacher(params, "bfloat16")
   flat = dict(nnx.to_flat_state(stored))
-  kinds = collections.Counter((p[-1], str(v.value.dtype)) for p, v in flat.items())
+  kinds = collections.Counter((p[-1], str(v.get_value().dtype)) for p, v in flat.items())
   assert kinds[("kernel", "bfloat16")] > 0 and ("bias", "bfloat16") not in kinds
-  assert all(str(v.value.dtype) == "float32" for p, v in flat.items() if p[0] == "time_embed")
+  assert all(str(v.get_value().dtype) == "float32"
+             for p, v in flat.items() if p[0] == "time_embed")
   for (p, a), (_, b) in zip(nnx.to_flat_state(params), nnx.to_flat_state(stored)):
-    np.testing.assert_allclose(np.asarray(b.value, np.float32), np.asarray(a.value), rtol=1e-2,
+    np.testing.assert_allclose(np.asarray(b.get_value(), np.float32), np.asarray(a.get_value()), rtol=1e-2,
                                atol=1e-6)
   assert stored_teacher(params, "float32") is not None
   with pytest.raises(UserError, match="teacher_dtype"):
