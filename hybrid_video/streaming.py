@@ -277,11 +277,13 @@ def sample_labels(num_classes: int, batch: int, seed: int) -> np.ndarray:
 
 def write_video(model: CausalDiT, config, path: str, *, frame_hw, num_frames: int,
                 use_labels: bool, progress: bool = True, batch: int = 1, mesh=None,
-                rules=None) -> StreamStats:
+                rules=None, on_frames: Callable[[np.ndarray], None] | None = None
+                ) -> StreamStats:
   """Stream `num_frames` frames of the first sample in the batch into an mp4 at `path`, written
   chunk by chunk as they arrive (by process 0). frame_hw: the frame size the model generates
   (`inputs.frame_hw(config)`). mesh/rules: see ChunkRunner (needed when the parameters span
-  several processes)."""
+  several processes). on_frames also gets each chunk's frames of that sample, [T, H, W, C] in
+  [-1, 1] (process 0)."""
   num_frames = check_num_frames(num_frames)
   sampler = StreamingSampler(model, config.sampler, batch=batch, frame_hw=frame_hw, mesh=mesh,
                              rules=rules)
@@ -289,9 +291,14 @@ def write_video(model: CausalDiT, config, path: str, *, frame_hw, num_frames: in
           if use_labels else None)
   writer = Mp4Writer(path, fps=config.video_fps, upscale=config.video_upscale) \
       if jax.process_index() == 0 else None
+  def write(frames):
+    writer.write(to_uint8(frames[0]))
+    if on_frames is not None:
+      on_frames(np.asarray(frames[0]))
+
   try:
     stats = sampler.stream(num_frames, cond, seed=config.sampler.seed, progress=progress,
-                           on_frames=(lambda f: writer.write(to_uint8(f[0]))) if writer else None)
+                           on_frames=write if writer else None)
   finally:
     if writer is not None:
       writer.close()

@@ -26,9 +26,7 @@ import re
 import time
 from typing import Callable, Sequence
 
-import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -124,7 +122,7 @@ class TextToVideo:
                        f"z_dim is {vae.config.z_dim}")
     self.model, self.vae, self.embed_prompts = model, vae, embed_prompts
     if mesh is not None:  # the VAE decodes the sampler's latents where they are: on the mesh
-      vae.state = jax.device_put(vae.state, NamedSharding(mesh, P()))
+      vae.replicate(mesh)
     self.latent_hw = tuple(int(s) for s in latent_hw)
     self.sampler = StreamingSampler(model, sampler_cfg, batch=1, frame_hw=self.latent_hw,
                                     mesh=mesh, rules=rules)

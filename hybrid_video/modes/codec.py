@@ -28,7 +28,7 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
 from data import latent_clips
@@ -49,7 +49,7 @@ class MeshEncoder:
     self.codec, self.mesh = codec, mesh
     self.rules = rules or dict(sharding_lib.DEFAULT_RULES)
     if mesh is not None:
-      codec.state = jax.device_put(codec.state, NamedSharding(mesh, P()))
+      codec.replicate(mesh)
 
   def encode(self, video) -> np.ndarray:
     if self.mesh is None or isinstance(video, jax.core.Tracer):  # traced: shapes only

@@ -15,16 +15,15 @@ from data import digit_metrics, moving_digits
 from hybrid_video import inputs as inputs_lib
 from hybrid_video import streaming
 from hybrid_video.train import Trainer
-from hybrid_video.video_io import read_video
 
 
-def final_video_digits(path: str, stats, config) -> dict:
-  """The main job's three figures on its own final video (data/digit_metrics.py): the
-  conditioned label recognised, one digit on screen, and a steady centre (<= 3 px per frame);
-  printed, and written next to the video as JSON."""
+def final_video_digits(path: str, chunks: list, stats, config) -> dict:
+  """The main job's three figures on its own final video (data/digit_metrics.py), from the
+  frames as generated (chunks [T, H, W, 1] in [-1, 1]): the conditioned label recognised, one
+  digit on screen, and a steady centre (<= 3 px per frame); printed, and written next to the
+  video as JSON."""
   dcfg = moving_digits.get_config(config.data.config)
-  k = int(config.video_upscale)
-  frames = read_video(path)[:, ::k, ::k, 0].astype(np.float32) / 255.0  # undo the upscale
+  frames = np.clip((np.concatenate(chunks)[..., 0] + 1.0) / 2.0, 0.0, 1.0)
   label = stats.labels[0][0] if stats.labels else None
   classifier = digit_metrics.digit_classifier(dcfg.digit_size, dcfg.interpolation)
   r = digit_metrics.video_digit_report(frames, label, classifier)
@@ -65,13 +64,14 @@ def train_main(config, workdir: str, *, overrides=None) -> dict:
         f"({summary['train_seconds']:.0f} s)")
   if config.train.final_sample:
     path = os.path.join(workdir, "samples", f"final_step_{summary['step']:07d}.mp4")
+    chunks = []  # the 64-frame video's frames, for its digit figures
     stats = streaming.write_video(trainer.model(ema=True), config, path, frame_hw=frame_hw,
                                   num_frames=config.sampler.num_frames, use_labels=labels,
-                                  progress=progress, **sharded)
+                                  progress=progress, on_frames=chunks.append, **sharded)
     summary["video"] = path
     summary["video_stats"] = stats
     streaming.report(path, stats, clip_frames=trainer.data.example_shape[0])
     if config.data.source == "moving_digits" and jax.process_index() == 0:
-      summary["digits"] = final_video_digits(path, stats, config)
+      summary["digits"] = final_video_digits(path, chunks, stats, config)
   trainer.checkpointer.close()
   return summary

@@ -33,6 +33,7 @@ import functools
 from typing import Any
 
 import jax
+from jax.sharding import NamedSharding, PartitionSpec
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -513,6 +514,12 @@ class StreamingVAE:
   def _step(self, method: str, state: Any, cache: FeatureCache, x: jax.Array):
     self.traces[method + ("_first" if cache.first else "")] += 1
     return getattr(nnx.merge(self.graphdef, state), method)(cache, x)
+
+  def replicate(self, mesh) -> "StreamingVAE":
+    """Place the parameters on every device of `mesh` (the VAE is small; each device decodes or
+    encodes its own batch shard). Returns self."""
+    self.state = jax.device_put(self.state, NamedSharding(mesh, PartitionSpec()))
+    return self
 
   @property
   def module(self) -> VAE:
