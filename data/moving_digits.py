@@ -143,6 +143,8 @@ BUILDER_CONFIGS = [
         "tiny", canvas_size=16, digit_size=8, num_frames=4, num_train=64,
         num_test=16, speed_min=1.0, speed_max=2.0,
     ),
+    # Slower digits (0.5-1.25 px / frame): the main job's recipe search.
+    _named("slow", speed_min=0.5, speed_max=1.25),
     # Two digits per clip (occlusion by max-compositing).
     _named("two_digits", num_digits=2),
 ]

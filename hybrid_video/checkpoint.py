@@ -27,6 +27,10 @@ FREE_FIELDS = {"model.attention_impl", "model.memory_impl", "model.kernel_interp
                "model.remat_policy",
                "model.kv_cache.sink_chunks", "model.kv_cache.window_chunks", "model.dtype"}
 
+# Fields added after checkpoints were first written: a saved config without one meant this value.
+FIELD_DEFAULTS = {"model.prediction": "velocity", "model.null_label": False,
+                  "sampler.guidance": 1.0}
+
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
   if isinstance(d, dict):
@@ -46,7 +50,8 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     for key in sorted(set(a) | set(b)):
       if key in FREE_FIELDS:
         continue
-      va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+      absent = FIELD_DEFAULTS.get(key, "<absent>")
+      va, vb = a.get(key, absent), b.get(key, absent)
       if isinstance(va, list):
         va = tuple(va)
       if isinstance(vb, list):

@@ -43,6 +43,7 @@ UNIT_INTERVAL = (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.dtype": _one_of("float32", "bfloat16"),
     "model.cond": _one_of("labels", "none", "embeddings"),
+    "model.prediction": _one_of("velocity", "x0"),
     "model.memory.read": _one_of("block", "token"),
     "model.attention_impl": _one_of(*IMPLEMENTATIONS),
     "model.memory_impl": _one_of(*IMPLEMENTATIONS),
@@ -59,6 +60,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sampler.num_frames": POSITIVE,
     "sampler.cache_chunks": POSITIVE,
     "sampler.shift": POSITIVE_NUMBER,
+    "sampler.guidance": POSITIVE_NUMBER,
     "train.batch_size": POSITIVE,
     "train.grad_accum_steps": POSITIVE,
     "train.num_steps": POSITIVE,
@@ -70,6 +72,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.max_minutes": NON_NEGATIVE_NUMBER,
     "train.grad_clip": POSITIVE_NUMBER,
     "train.ema_decay": UNIT_INTERVAL,
+    "train.label_dropout": UNIT_INTERVAL,
     "train.sample_every": NON_NEGATIVE,
     "train.sample_frames": POSITIVE,
     "train.t_logit_std": POSITIVE_NUMBER,

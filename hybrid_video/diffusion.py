@@ -6,6 +6,7 @@ x0_hat = x_t - t * v. Noise levels t are in [0, 1]; the paper's timesteps are t 
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import jax
@@ -64,6 +65,18 @@ def batch_condition(batch):
   return batch["cond"] if "cond" in batch else batch.get("labels")
 
 
+def drop_labels(batch, key, rate: float, null_label: int | None):
+  """Classifier-free guidance training: each clip's labels become the null label with
+  probability `rate` (0: the batch unchanged)."""
+  if not rate:
+    return batch
+  if null_label is None or "labels" not in batch:
+    raise UserError("train.label_dropout needs labels and a model with model.null_label=True")
+  labels = batch["labels"]
+  drop = jax.random.bernoulli(key, rate, (labels.shape[0],) + (1,) * (labels.ndim - 1))
+  return {**batch, "labels": jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)}
+
+
 def velocity_loss(model, batch, noisy) -> jax.Array:
   """MSE of the predicted velocity against eps - x0 on the noisy half of the teacher-forcing
   input [clean ; noisy]. noisy = (x_t, t, eps) from `noisy_inputs`."""
@@ -86,35 +99,56 @@ def sample_chunk_fn(graphdef, scfg, chunk_shape, trace_counter: list | None = No
 
   Runs every denoising pass (memory read only), then the context pass at t = 0 on the denoised
   chunk, which writes K/V and S_n. chunk_shape = (B, F, Hi, Wi, C). The chunk's noise comes
-  from fold_in(key, chunk index), so the same executable serves every chunk.
+  from fold_in(key, chunk index), so the same executable serves every chunk. The passes are a
+  lax.scan over the noise levels: one model body to compile, however many steps. With
+  sampler.guidance = w != 1 and a model with a null label, each pass also runs the null label
+  (classifier-free guidance) and uses v_null + w (v - v_null); the context pass writes with the
+  real condition.
   """
   times = sampler_times(scfg)
+  guidance = float(scfg.get("guidance", 1.0))
+  n = len(times)
+  if scfg.kind == "few_step":  # x0 = x - t v, re-noised to the next level (none after the last)
+    levels = (times, times[1:] + (0.0,))
+  else:  # Euler: x += (t_next - t) v, ending at t = 0 (times[-1])
+    levels = (times[:-1], times[1:])
+  levels = tuple(np.asarray(l, np.float32) for l in levels)
 
   def sample_chunk(state, carry, key, context):
     if trace_counter is not None:
       trace_counter.append(1)  # runs once per trace: counts compiles
     model = nnx.merge(graphdef, state)
     b = chunk_shape[0]
-    keys = jax.random.split(jax.random.fold_in(key, carry["chunk"]), len(times))
+    keys = jax.random.split(jax.random.fold_in(key, carry["chunk"]), n)
     x = jax.random.normal(keys[0], chunk_shape, jnp.float32)
+    # Guidance needs a condition to guide by and a null label to guide against: other models
+    # (unconditional, text, or label models trained without model.null_label) sample unguided.
+    guided = guidance != 1.0 and model.null_label_index is not None
+    if guidance != 1.0 and not guided:
+      logging.warning("sampler.guidance=%s ignored: the model has no null label (trained "
+                      "without model.null_label)", guidance)
+    null_context = model.null_condition(b) if guided else None
 
-    def velocity(x, t, carry):
+    def denoise(xc, level):
       # Denoising pass: reads memory; returns the carry changed only by the write ablation.
-      v, carry = model.step(x, jnp.full((b,), t, jnp.float32), context, carry, write=False)
-      return v.astype(jnp.float32), carry
-
-    if scfg.kind == "few_step":
-      for i, t in enumerate(times):
-        v, carry = velocity(x, t, carry)
-        x0 = x - t * v
-        if i + 1 < len(times):
-          t_next = times[i + 1]
-          x = (1.0 - t_next) * x0 + t_next * jax.random.normal(keys[i + 1], chunk_shape)
-    else:
-      for t, t_next in zip(times[:-1], times[1:]):
-        v, carry = velocity(x, t, carry)
+      x, carry = xc
+      t, t_next, k = level
+      tb = jnp.full((b,), t, jnp.float32)
+      v, new_carry = model.step(x, tb, context, carry, write=False)
+      v = v.astype(jnp.float32)
+      if null_context is not None:
+        v_null, _ = model.step(x, tb, null_context, carry, write=False)
+        v = v_null.astype(jnp.float32) + guidance * (v - v_null.astype(jnp.float32))
+      carry = new_carry
+      if scfg.kind == "few_step":
+        x = (1.0 - t_next) * (x - t * v) + t_next * jax.random.normal(k, chunk_shape)
+      else:
         x = x + (t_next - t) * v
-      x0 = x
+      return (x, carry), None
+
+    # few_step re-noises step i with keys[i + 1] (the last step's key is unused: t_next = 0).
+    step_keys = keys[np.minimum(np.arange(len(levels[0])) + 1, n - 1)]
+    (x0, carry), _ = jax.lax.scan(denoise, (x, carry), (*levels, step_keys))
     if scfg.clip_x0:
       x0 = jnp.clip(x0, -1.0, 1.0)
     _, carry = model.step(x0, jnp.zeros((b,), jnp.float32), context, carry, write=True)

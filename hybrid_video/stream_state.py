@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hybrid_video import sharding as sharding_lib
-from hybrid_video.checkpoint import config_to_json
+from hybrid_video.checkpoint import FIELD_DEFAULTS, config_to_json
 from hybrid_video.errors import CheckpointError
 from hybrid_video.nn.model import Carry
 
@@ -39,7 +39,7 @@ from hybrid_video.nn.model import Carry
 IMPL_FIELDS = ("attention_impl", "memory_impl", "kernel_interpret", "gdn_chunk_size", "remat",
                "remat_policy")
 # Sampler fields that shape the frames (cache_chunks only sets the first cache size).
-SAMPLER_FIELDS = ("kind", "timesteps", "shift", "num_steps", "clip_x0", "seed")
+SAMPLER_FIELDS = ("kind", "timesteps", "shift", "num_steps", "clip_x0", "seed", "guidance")
 # Subfolder of checkpoints/ where old checkpoints wait to be deleted.
 TRASH = "trash"
 # What a fork may change relative to its parent.
@@ -89,7 +89,7 @@ def fingerprint(config, *, model_step: int, params: str, batch: int, frame_hw,
   fp["model.step"] = int(model_step)
   fp["model.params"] = params
   for name in SAMPLER_FIELDS:
-    fp[f"sampler.{name}"] = config.sampler[name]
+    fp[f"sampler.{name}"] = config.sampler.get(name, FIELD_DEFAULTS.get(f"sampler.{name}"))
   fp["stream.batch"] = int(batch)
   fp["stream.frame_hw"] = tuple(int(s) for s in frame_hw)
   fp["stream.num_frames"] = int(num_frames)
@@ -106,7 +106,8 @@ def differences(saved: dict, current: dict, ignore: Iterable[str] = ()) -> list[
   for key in sorted(set(saved) | set(current)):
     if key in ignore:
       continue
-    a, b = _normal(saved.get(key, "<absent>")), _normal(current.get(key, "<absent>"))
+    absent = FIELD_DEFAULTS.get(key, "<absent>")  # fields newer than the saved stream
+    a, b = _normal(saved.get(key, absent)), _normal(current.get(key, absent))
     if a != b:
       out.append(f"{key}: {a!r} -> {b!r}")
   return out

@@ -28,7 +28,8 @@ from hybrid_video import checkpoint as ckpt_lib
 from hybrid_video import inputs as inputs_lib
 from hybrid_video import sharding as sharding_lib
 from hybrid_video.diagnostics import retention_scalars
-from hybrid_video.diffusion import batch_condition, flow_matching_loss, noisy_inputs, velocity_loss
+from hybrid_video.diffusion import (batch_condition, drop_labels, flow_matching_loss, noisy_inputs,
+                                    velocity_loss)
 from hybrid_video.errors import NonFiniteLossError, UserError
 from hybrid_video.metrics import MetricWriter
 from hybrid_video.nn.model import CausalDiT
@@ -36,6 +37,7 @@ from hybrid_video.optim import make_optimizer, make_schedule
 from hybrid_video.train_state import (TrainState, abstract_train_state, apply_gradients,
                                       init_train_state, train_state_specs)
 
+LABEL_DROPOUT_STREAM = 0x1ab  # fold_in tag of the label-dropout key (independent of the noise)
 
 def make_train_step(graphdef, tx, tcfg, loss_fn: Callable = flow_matching_loss):
   """Pure `train_step(state, batch, rng) -> (state, metrics)`.
@@ -48,8 +50,14 @@ def make_train_step(graphdef, tx, tcfg, loss_fn: Callable = flow_matching_loss):
   schedule = make_schedule(tcfg)
   accum = int(tcfg.get("grad_accum_steps", 1) or 1)
 
+  label_dropout = float(tcfg.get("label_dropout", 0.0) or 0.0)
+
   def train_step(state: TrainState, batch, rng):
     rng = jax.random.fold_in(rng, state["step"])
+    null = nnx.merge(graphdef, state["params"]).null_label_index if label_dropout else None
+    if null is not None:  # its own key: the noise of runs without dropout is unchanged
+      batch = drop_labels(batch, jax.random.fold_in(rng, LABEL_DROPOUT_STREAM), label_dropout,
+                          null)
     if accum == 1:
       def loss_of(params):
         return loss_fn(nnx.merge(graphdef, params), batch, rng, tcfg)
@@ -187,6 +195,9 @@ class Trainer:
 
     abstract, abstract_state = abstract_train_state(model_cfg, self.tx)
     self.data.check_model(abstract)
+    if (self.tcfg.get("label_dropout", 0.0) and model_cfg.cond == "labels"
+        and abstract.null_label_index is None):
+      raise UserError(f"train.label_dropout={self.tcfg.label_dropout} needs model.null_label=True")
     self.graphdef, _ = nnx.split(abstract)
     self.graphdef_has_hybrid = bool(abstract.hybrid_layers)
     self.state_specs = train_state_specs(abstract_state, self.tx, self.rules, self.mesh)

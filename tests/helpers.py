@@ -14,6 +14,8 @@ from hybrid_video.nn.model import CausalDiT
 def tiny_model_config(ratio: float = 0.75, *, layers=None, frames_per_chunk: int = 2,
                       num_layers: int = 4, cond: str = "labels"):
   cfg = get_config().model
+  cfg.prediction = "velocity"  # the formula tests' head; x0 prediction has its own tests
+  cfg.null_label = False
   cfg.dim = 48
   cfg.num_heads = 2          # head dim 24: RoPE bands 8/8/8
   cfg.mlp_dim = 64

@@ -128,7 +128,8 @@ def test_flow_matching_target_is_eps_minus_x0():
 
 
 class _OracleModel(nnx.Module):
-  """model.step for one known data chunk x0: v = (x - x0) / t; records every call."""
+  """model.step for one known data chunk x0: v = (x - x0) / t; records every call (as it runs:
+  the sampler's denoising passes are a lax.scan, traced once)."""
 
   calls: list = []  # (x, t, write) per call, class-level so it survives split/merge
 
@@ -136,7 +137,8 @@ class _OracleModel(nnx.Module):
     self.x0 = nnx.Variable(jnp.asarray(x0))
 
   def step(self, x, t, context, carry, *, write):
-    _OracleModel.calls.append((np.asarray(x), np.asarray(t), write))
+    record = lambda x, t: _OracleModel.calls.append((np.asarray(x), np.asarray(t), write))
+    jax.debug.callback(record, x, t, ordered=True)
     if write:
       return jnp.zeros_like(x), {**carry, "chunk": carry["chunk"] + 1}
     tt = t[:, None, None, None, None]
@@ -187,3 +189,60 @@ def test_euler_sampler_reaches_x0_with_a_perfect_velocity(shift):
   for (x, t, _), t_expected in zip(calls[:-1], times[:-1]):
     np.testing.assert_allclose(x, x0 + t_expected * (eps - x0), atol=1e-5)
   np.testing.assert_array_equal(calls[-1][0], frames)
+
+
+# -- classifier-free guidance ------------------------------------------------------------------------
+
+
+class _GuidedOracle(nnx.Module):
+  """model.step whose data depends on the condition: v = (x - context) / t, so a sampler guided
+  with scale w reaches x0 = null + w (cond - null) (velocities are affine in the target)."""
+
+  null_label_index = 10
+
+  def __init__(self, null_value):
+    self.null_value = nnx.Variable(jnp.asarray(null_value, jnp.float32))
+
+  def null_condition(self, batch):
+    return jnp.full((batch, 1, 1, 1, 1), self.null_value[...])
+
+  def step(self, x, t, context, carry, *, write):
+    if write:
+      return jnp.zeros_like(x), {**carry, "chunk": carry["chunk"] + 1}
+    return (x - context) / t[:, None, None, None, None], carry
+
+
+def _guided_frames(oracle, kind, guidance):
+  scfg = sampler_cfg(kind, shift=1.0, num_steps=5)
+  scfg.guidance = guidance
+  graphdef, state = nnx.split(oracle)
+  fn = diffusion.sample_chunk_fn(graphdef, scfg, CHUNK_SHAPE)
+  cond = jnp.full((CHUNK_SHAPE[0], 1, 1, 1, 1), 0.5)
+  _, frames = fn(state, {"chunk": jnp.zeros((), jnp.int32)}, jax.random.key(0), cond)
+  return np.asarray(frames)
+
+
+@pytest.mark.parametrize("kind", ["euler", "few_step"])
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_guided_sampler_reaches_null_plus_w_times_the_difference(kind, guidance):
+  frames = _guided_frames(_GuidedOracle(-0.25), kind, guidance)
+  np.testing.assert_allclose(frames, -0.25 + guidance * (0.5 + 0.25), atol=1e-5)
+
+
+def test_guidance_is_ignored_by_a_model_without_a_null_label():
+  oracle = _GuidedOracle(-0.25)
+  oracle.null_label_index = None  # e.g. a checkpoint trained before model.null_label
+  np.testing.assert_allclose(_guided_frames(oracle, "euler", 3.0), 0.5, atol=1e-5)
+
+
+def test_label_dropout_replaces_whole_clips_labels_by_the_null_label():
+  labels = jnp.arange(4000, dtype=jnp.int32).reshape(2000, 2) % 10
+  batch = {"video": jnp.zeros((2000, 1)), "labels": labels}
+  assert diffusion.drop_labels(batch, jax.random.key(0), 0.0, None) is batch
+  out = np.asarray(diffusion.drop_labels(batch, jax.random.key(0), 0.25, 10)["labels"])
+  dropped = out[:, 0] == 10
+  assert 0.2 < dropped.mean() < 0.3
+  assert np.all(out[dropped] == 10)  # both labels of a clip together
+  np.testing.assert_array_equal(out[~dropped], np.asarray(labels)[~dropped])
+  with pytest.raises(Exception, match="null_label"):
+    diffusion.drop_labels(batch, jax.random.key(0), 0.25, None)

@@ -1,17 +1,21 @@
 """Model invariants: streaming equals teacher forcing, causality, the hybrid read/write rules."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from hybrid_video.checkpoint import config_differences
+from hybrid_video.errors import UserError
 from hybrid_video.nn.embeddings import rope_angles, rope_bands
 from hybrid_video.nn.hybrid_attention import HybridAttention
-from hybrid_video.nn.model import CausalDiT, resolve_hybrid_layers
+from hybrid_video.nn.model import X0_MIN_T, CausalDiT, resolve_hybrid_layers
 from kernels.gated_delta.reference import naive_recurrent_gated_delta_rule
 from kernels.local_attention.reference import attention_reference
-from tests.helpers import jit_call, rel_err, tiny_model, tiny_model_config
+from tests.helpers import jit_call, perturbed, rel_err, tiny_model, tiny_model_config
 
 B, CHUNKS, F, HW = 2, 4, 2, 16
 TOL = 1e-5
@@ -237,3 +241,32 @@ def test_write_during_denoising_ablation_changes_streaming_only_after_chunk_0():
   with pytest.raises(ValueError, match="no teacher-forcing form"):
     jit_call(_with_memory(0.75, write_during_denoising=True), "teacher_forcing", clean, noisy, t,
              labels)
+
+
+def test_x0_prediction_returns_the_velocity_of_its_x0_estimate():
+  """model.prediction="x0": the head predicts x0_hat and the model returns the velocity
+  (x_t - x0_hat) / max(t, X0_MIN_T), in teacher forcing and in streaming alike; a checkpoint saved
+  before the field existed meant "velocity"."""
+  cfg = tiny_model_config(0.5)
+  velocity_model = perturbed(CausalDiT(cfg, rngs=nnx.Rngs(5)), seed=6)
+  cfg.prediction = "x0"
+  x0_model = perturbed(CausalDiT(cfg, rngs=nnx.Rngs(5)), seed=6)  # the same parameters
+  clean, noisy, t, labels = _inputs(seed=2)
+  t = t.at[0, 1].set(0.01)  # below X0_MIN_T: the division is clipped there
+  head = jit_call(velocity_model, "teacher_forcing", clean, noisy, t, labels)  # raw head output
+  velocity = jit_call(x0_model, "teacher_forcing", clean, noisy, t, labels)
+  t_frames = jnp.repeat(jnp.maximum(t, X0_MIN_T), F, axis=1)[..., None, None, None]
+  assert rel_err(velocity, (noisy - head) / t_frames) <= TOL
+  stream, _ = _stream_outputs(x0_model, clean, noisy, t, labels)
+  assert rel_err(stream, velocity) <= TOL
+  saved = _model_json(tiny_model_config(0.5))
+  del saved["model"]["prediction"]
+  assert config_differences(saved, _model_json(tiny_model_config(0.5))) == []
+  assert config_differences(saved, _model_json(cfg)) == ["model.prediction: 'velocity' -> 'x0'"]
+  cfg.prediction = "eps"
+  with pytest.raises(UserError, match="model.prediction='eps'"):
+    CausalDiT(cfg, rngs=nnx.Rngs(0))
+
+
+def _model_json(model_cfg) -> dict:
+  return {"model": json.loads(model_cfg.to_json_best_effort())}

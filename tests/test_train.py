@@ -23,7 +23,7 @@ def _step(model, tcfg, batch):
 
 @pytest.mark.parametrize("accum", [4])  # 4 micro-batches of one clip each
 def test_gradient_accumulation_equals_one_step_on_the_whole_batch(accum):
-  model = tiny_model(0.5)
+  model = tiny_model(0.5, num_layers=2)  # one hybrid and one softmax layer: four compiles
   tcfg = get_config().train
   tcfg.warmup_steps = 0  # a non-zero learning rate at step 0, so the update shows the gradient
   rng = np.random.default_rng(0)

@@ -98,17 +98,20 @@ class ConditionEmbed(nnx.Module):
   """Conditioning tokens for cross-attention.
 
   kind = "labels": learned label tokens (one per digit label) [decision for the tiny configs];
+    with null_label, one more token (index num_classes) stands for "no label" (classifier-free
+    guidance: train.label_dropout, sampler.guidance);
   kind = "none": one learned null token (unconditional);
   kind = "embeddings": external embeddings (umT5 in Wan) of width text_dim.
   Then Wan's text embedding: Linear(text_dim, dim) -> GELU(tanh) -> Linear(dim, dim).
   """
 
-  def __init__(self, kind: str, num_classes: int, text_dim: int, dim: int, *, rngs: nnx.Rngs):
+  def __init__(self, kind: str, num_classes: int, text_dim: int, dim: int, *, rngs: nnx.Rngs,
+               null_label: bool = False):
     if kind not in ("labels", "none", "embeddings"):
       raise UserError(f"model.cond={kind!r} must be one of 'labels', 'none', 'embeddings'")
     self.kind = kind
     if kind == "labels":
-      self.table = nnx.Embed(num_classes, text_dim, rngs=rngs)
+      self.table = nnx.Embed(num_classes + int(null_label), text_dim, rngs=rngs)
     elif kind == "none":
       self.null = nnx.Param(jax.random.normal(rngs.params(), (1, 1, text_dim)) * 0.02)
     self.fc1 = nnx.Linear(text_dim, dim, rngs=rngs)

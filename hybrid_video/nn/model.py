@@ -29,6 +29,15 @@ from hybrid_video.nn.embeddings import (ConditionEmbed, PatchEmbed, TimeEmbed, r
 
 Carry = dict[str, Any]
 
+# What the head predicts: "velocity" (eps - x0, Wan and every imported model) or "x0" (the clean
+# video; the model still returns the velocity (x_t - x0_hat) / t, so losses, samplers and
+# conversion are unchanged). x0 suits pixel-space models whose patches are large against the
+# width: clean frames lie near a low-dimensional set, noise does not (Li & He 2025, "Back to
+# Basics: Let Denoising Generative Models Denoise").
+PREDICTIONS = ("velocity", "x0")
+X0_MIN_T = 0.05  # the division by t is clipped here (as in Li & He): at t -> 0 the velocity
+#                  is ill-defined and the sampler's last step reads x0_hat directly
+
 
 def resolve_hybrid_layers(num_layers: int, layers: Sequence[int] | None = None,
                           ratio: float | None = 0.75) -> tuple[int, ...]:
@@ -63,6 +72,9 @@ class CausalDiT(nnx.Module):
     self.num_heads = int(cfg.num_heads)
     self.head_dim = self.dim // self.num_heads
     self.rope_theta = float(cfg.rope_theta)
+    self.prediction = str(cfg.get("prediction", "velocity") or "velocity")
+    if self.prediction not in PREDICTIONS:
+      raise UserError(f"model.prediction={self.prediction!r}: choose {', '.join(PREDICTIONS)}")
     # The softmax layers' K/V caches hold K and V as the projections give them: in the compute
     # dtype (bf16 in the Wan configs; the values are the same as an fp32 cache would hold).
     self.cache_dtype = jnp.dtype(cfg.get("dtype") or "float32")
@@ -79,7 +91,11 @@ class CausalDiT(nnx.Module):
                                                cfg.hybrid.ratio)
     self.patch_embed = PatchEmbed(cfg.in_channels, cfg.dim, self.patch_size, rngs=rngs)
     self.time_embed = TimeEmbed(cfg.freq_dim, cfg.dim, rngs=rngs)
-    self.cond_embed = ConditionEmbed(cfg.cond, cfg.num_classes, cfg.text_dim, cfg.dim, rngs=rngs)
+    null_label = bool(cfg.get("null_label", False)) and cfg.cond == "labels"
+    # The label index that means "no label" (classifier-free guidance), or None.
+    self.null_label_index = int(cfg.num_classes) if null_label else None
+    self.cond_embed = ConditionEmbed(cfg.cond, cfg.num_classes, cfg.text_dim, cfg.dim, rngs=rngs,
+                                     null_label=null_label)
     self.blocks = nnx.List([self._block(cfg, i, rngs) for i in range(cfg.num_layers)])
     self.head_norm = nnx.LayerNorm(cfg.dim, epsilon=cfg.eps, use_bias=False, use_scale=False,
                                    rngs=rngs)
@@ -131,18 +147,32 @@ class CausalDiT(nnx.Module):
     """Conditioning tokens [B, M, dim] (computed once per video by the sampler)."""
     return self.cond_embed(cond, batch)
 
+  def null_condition(self, batch: int) -> jax.Array:
+    """Conditioning tokens [B, 1, dim] of the null label (classifier-free guidance)."""
+    if self.null_label_index is None:
+      raise UserError("this model has no null label (model.null_label)")
+    return self.embed_condition(jnp.full((batch, 1), self.null_label_index, jnp.int32), batch)
+
   def _tokens(self, video):
     x = self.patch_embed(video)  # [B, Tp, Hp, Wp, dim]
     b, tp, hp, wp, d = x.shape
     return x.reshape(b, tp * hp * wp, d), (tp, hp, wp)
 
-  def _head(self, x, e, grid):
-    """x [B, Tp*N, dim], e [B, Tp, dim] -> [B, T, Hi, Wi, C_out]."""
+  def _head(self, x, e, grid, x_t, t_frames):
+    """x [B, Tp*N, dim], e [B, Tp, dim] -> the flow velocity [B, T, Hi, Wi, C_out].
+
+    With prediction="x0" the head's output is the clean video x0_hat, turned into the velocity
+    (x_t - x0_hat) / max(t, X0_MIN_T) for the noisy input x_t at noise levels t_frames [B, Tp]."""
     m = self.head_modulation[...].astype(jnp.float32)[:, None] + e[:, :, None].astype(jnp.float32)
     out = self.head(modulate(self.head_norm(x), m[:, :, 0], m[:, :, 1]))
     tp, hp, wp = grid
     out = out.reshape(out.shape[0], tp, hp, wp, out.shape[-1])
-    return unpatchify(out, self.patch_size, self.out_channels)
+    out = unpatchify(out, self.patch_size, self.out_channels)
+    if self.prediction == "velocity":
+      return out
+    t = jnp.repeat(jnp.maximum(t_frames, X0_MIN_T), self.patch_size[0], axis=1)
+    t = t.reshape(*t.shape, 1, 1, 1)
+    return ((x_t.astype(jnp.float32) - out.astype(jnp.float32)) / t).astype(out.dtype)
 
   # -- teacher forcing ---------------------------------------------------------------------------
 
@@ -177,7 +207,7 @@ class CausalDiT(nnx.Module):
     xc, xn = constrain(xc, ax.ACTIVATION), constrain(xn, ax.ACTIVATION)
     for block in self.blocks:
       xc, xn = run_block(block, xc, xn)
-    return self._head(xn, en, grid)
+    return self._head(xn, en, grid, noisy, t_frames)
 
   # -- streaming ---------------------------------------------------------------------------------
 
@@ -238,7 +268,8 @@ class CausalDiT(nnx.Module):
     chunk = carry["chunk"]
     angles = rope_angles(chunk * fp, fp, hp, wp, self.head_dim, self.rope_theta)
     t = jnp.asarray(t, jnp.float32)
-    e, e0 = self.time_embed(self._frame_times(t[:, None] if t.ndim == 1 else t, b, 1, fp))
+    t_frames = self._frame_times(t[:, None] if t.ndim == 1 else t, b, 1, fp)  # [B, Fp]
+    e, e0 = self.time_embed(t_frames)
     slot = self._write_slot(chunk)
     valid = jnp.repeat(carry["slot_chunk"] >= 0, chunk_len)
     cache_ctx = (valid, slot, chunk_len)
@@ -247,7 +278,7 @@ class CausalDiT(nnx.Module):
       tokens, layer_carry = block.step(tokens, e0, context, angles, layer_carry, cache_ctx, write)
       tokens = constrain(tokens, ax.ACTIVATION)
       layers.append(layer_carry)
-    out = self._head(tokens, e, grid)
+    out = self._head(tokens, e, grid, x, t_frames)
     if not write:  # caches and counter unchanged; states change only in the write ablation
       return out, {**carry, "layers": tuple(layers)}
     slot_chunk = carry["slot_chunk"]
