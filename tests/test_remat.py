@@ -83,3 +83,24 @@ def test_checkpoints_and_streams_from_before_remat_policy_stay_compatible():
   assert stream_state.differences(fp(get_config("smoke")), fp(config)) == []
   config.model.dim = 64  # while a field that shapes the frames still counts
   assert stream_state.differences(fp(get_config("smoke")), fp(config))
+
+
+def test_checkpoints_and_streams_from_before_newer_fields_resume_as_what_they_were():
+  """model.prediction, model.null_label and sampler.guidance are newer than some checkpoints and
+  streams: a saved config without them meant velocity, no null label, no guidance."""
+  fp = lambda cfg: stream_state.fingerprint(cfg, model_step=1, params="p", batch=1,
+                                            frame_hw=(16, 16), num_frames=8)
+  before = get_config("smoke")
+  before.model.prediction, before.model.null_label, before.sampler.guidance = "velocity", False, 1.0
+  saved_config, saved_stream = config_to_json(before), fp(before)
+  for key in ("prediction", "null_label"):
+    del saved_config["model"][key], saved_stream[f"model.{key}"]
+  del saved_stream["sampler.guidance"]
+  assert config_differences(saved_config, config_to_json(before)) == []
+  assert stream_state.differences(saved_stream, fp(before)) == []
+  now = get_config("smoke")  # the current tiny recipe differs in all three
+  assert config_differences(saved_config, config_to_json(now)) == [
+      "model.null_label: False -> True", "model.prediction: 'velocity' -> 'x0'"]
+  assert stream_state.differences(saved_stream, fp(now)) == [
+      "model.null_label: False -> True", "model.prediction: 'velocity' -> 'x0'",
+      "sampler.guidance: 1.0 -> 8.0"]
