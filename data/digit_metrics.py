@@ -20,6 +20,7 @@ import functools
 import numpy as np
 
 from data import moving_digits
+from data.errors import DataError
 
 
 @dataclasses.dataclass
@@ -40,6 +41,10 @@ class GroundTruth:
 def ground_truth(source, dcfg, num_videos: int, total_frames: int) -> GroundTruth:
   """The first `num_videos` clips of a split `source`, re-rendered for `total_frames` frames.
   dcfg: the moving_digits config the clips were made with."""
+  if getattr(dcfg, "exit_margin", 0):
+    raise DataError(f"moving_digits config {dcfg.name!r} moves digits off the canvas "
+                    "(exit_margin): the long-horizon evaluation's crops and position search "
+                    "assume digits on it; score such videos with identity_after_gap")
   videos, tops, labels, templates = [], [], [], []
   for i in range(num_videos):
     ex = source[i]

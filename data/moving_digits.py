@@ -23,7 +23,9 @@ stored with it (`source_index`, `start`, `velocity`) and the numpy helpers here
 Dynamics (per digit, per axis, L = canvas_size - digit_size, in float64):
   u = (start + velocity * t) mod 2L ;  pos(t) = L - |L - u|     (t = 0, 1, ...)
 i.e. straight motion reflected off the walls at 0 and L (the digit's top-left
-corner). `positions` stores pos(t) as float32; the digit is drawn with its
+corner). With exit_margin m > 0 the horizontal track is [-m, L + m] instead
+(the same formula shifted by m, with L + 2m): digits leave the canvas and
+come back (config 'exits'). `positions` stores pos(t) as float32; the digit is drawn with its
 top-left pixel at floor(positions + 0.5) (computed in float32).
 
 Usage:
@@ -54,6 +56,7 @@ SPLIT_SEED = 1797
 TEST_DIGIT_FRACTION = 0.2
 NUM_SOURCE_DIGITS = 1797
 _RAW_MAX = 16  # load_digits pixel values are integers 0..16.
+MAX_EXIT_TILT_DEGREES = 30.0  # with exit_margin > 0: directions within this of horizontal
 _INTERPOLATIONS = ("bilinear", "nearest")
 
 
@@ -75,6 +78,11 @@ class MovingDigitsConfig(tfds.core.BuilderConfig):
     num_train, num_test: number of clips in each split.
     seed: generation seed (same seed -> identical data).
     interpolation: 'bilinear' or 'nearest' digit upsampling.
+    exit_margin: pixels the digits' horizontal track extends beyond each side of the canvas
+      (0: digits bounce off the walls). With a margin a digit leaves the canvas, stays out
+      while it travels the rest of the margin, and comes back: its appearance must be
+      remembered across the gap (the memory task). Its direction is then drawn within
+      MAX_EXIT_TILT_DEGREES of horizontal, so that every clip's digit reaches a side.
   """
 
   canvas_size: int = 32
@@ -87,6 +95,7 @@ class MovingDigitsConfig(tfds.core.BuilderConfig):
   num_test: int = 200
   seed: int = 0
   interpolation: str = "bilinear"
+  exit_margin: int = 0
 
   def __post_init__(self):
     if not 1 <= self.digit_size <= self.canvas_size:
@@ -109,6 +118,8 @@ class MovingDigitsConfig(tfds.core.BuilderConfig):
           f"num_train and num_test must be >= 1 (tfds cannot write empty"
           f" splits), got {self.num_train}, {self.num_test}"
       )
+    if self.exit_margin < 0:
+      raise DataError(f"exit_margin must be >= 0, got {self.exit_margin}")
     if self.interpolation not in _INTERPOLATIONS:
       raise DataError(
           f"interpolation must be one of {_INTERPOLATIONS}, got"
@@ -118,11 +129,16 @@ class MovingDigitsConfig(tfds.core.BuilderConfig):
   def settings(self) -> dict[str, Any]:
     """The generation settings (everything but tfds bookkeeping fields)."""
     base = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
-    return {
+    out = {
         f.name: getattr(self, f.name)
         for f in dataclasses.fields(self)
         if f.name not in base
     }
+    # Fields added later appear only when set: existing data dirs and custom-config names
+    # (hashes of these settings) stay valid.
+    if not out["exit_margin"]:
+      del out["exit_margin"]
+    return out
 
 
 def _describe(settings: Mapping[str, Any]) -> str:
@@ -145,6 +161,9 @@ BUILDER_CONFIGS = [
     ),
     # Slower digits (0.5-1.25 px / frame): the main job's recipe search.
     _named("slow", speed_min=0.5, speed_max=1.25),
+    # The memory task: digits leave the canvas sideways for 3-6 chunks (of 2 frames) and come
+    # back; 40-frame clips hold the exit and the return.
+    _named("exits", exit_margin=20, speed_min=2.0, speed_max=3.0, num_frames=40),
     # Two digits per clip (occlusion by max-compositing).
     _named("two_digits", num_digits=2),
 ]
@@ -284,8 +303,9 @@ def load_digit_images(split: str, digit_size: int = 12,
 
 
 def bounce_positions(start, velocity, num_frames: int, canvas_size: int,
-                     digit_size: int) -> np.ndarray:
-  """float32 [T, n, 2] top-left (y, x) of each digit, reflecting off walls."""
+                     digit_size: int, exit_margin: int = 0) -> np.ndarray:
+  """float32 [T, n, 2] top-left (y, x) of each digit, reflecting off walls (horizontally at
+  -exit_margin and canvas_size - digit_size + exit_margin)."""
   start = np.asarray(start, np.float32).astype(np.float64).reshape(-1, 2)
   velocity = np.asarray(velocity, np.float32).astype(np.float64).reshape(-1, 2)
   if start.shape != velocity.shape:
@@ -294,22 +314,45 @@ def bounce_positions(start, velocity, num_frames: int, canvas_size: int,
   if span < 0:
     raise DataError(f"digit_size {digit_size} > canvas_size {canvas_size}")
   t = np.arange(num_frames, dtype=np.float64)[:, None, None]
-  if span == 0:
+  if span == 0 and not exit_margin:
     return np.zeros((num_frames,) + start.shape, np.float32)
-  u = np.mod(start[None] + velocity[None] * t, 2.0 * span)
-  pos = span - np.abs(span - u)
-  return np.clip(pos, 0.0, span).astype(np.float32)
+  low = np.array([0.0, -float(exit_margin)])  # per axis (y, x): the track is [low, low + spans]
+  spans = np.array([span, span + 2.0 * exit_margin])
+  safe = np.where(spans > 0, spans, 1.0)  # an axis without room stays at its low end
+  u = np.mod(start[None] - low + velocity[None] * t, 2.0 * safe)
+  pos = np.where(spans > 0, safe - np.abs(safe - u), 0.0)
+  return (np.clip(pos, 0.0, spans) + low).astype(np.float32)
 
 
 def pixel_positions(positions: np.ndarray, canvas_size: int,
-                    digit_size: int) -> np.ndarray:
-  """int64 top-left pixel where each digit is drawn: floor(positions + 0.5)."""
+                    digit_size: int, exit_margin: int = 0) -> np.ndarray:
+  """int64 top-left pixel where each digit is drawn: floor(positions + 0.5) (x may lie up to
+  exit_margin beyond the canvas)."""
   p = np.floor(np.asarray(positions, np.float32) + np.float32(0.5))
-  return np.clip(p, 0, canvas_size - digit_size).astype(np.int64)
+  low = np.array([0, -exit_margin])
+  return np.clip(p, low, canvas_size - digit_size - low).astype(np.int64)
+
+
+def fully_visible(top_left: np.ndarray, canvas_size: int, digit_size: int) -> np.ndarray:
+  """bool [...]: the digit at int top_left [..., 2] lies wholly on the canvas."""
+  top_left = np.asarray(top_left)
+  return np.all((top_left >= 0) & (top_left <= canvas_size - digit_size), axis=-1)
+
+
+def gap_ends(top_left: np.ndarray, canvas_size: int, digit_size: int) -> np.ndarray:
+  """int [V, n]: for top_left [V, T, n, 2], the first frame at which each digit is wholly on the
+  canvas again after having been wholly off it (-1: no such return within the T frames)."""
+  top_left = np.asarray(top_left)
+  x = top_left[..., 1]
+  off = (x <= -digit_size) | (x >= canvas_size)  # no pixel on the canvas
+  on = fully_visible(top_left, canvas_size, digit_size)
+  been_off = np.maximum.accumulate(off, axis=1)
+  back = on & been_off
+  return np.where(back.any(axis=1), back.argmax(axis=1), -1)
 
 
 def render_clip(digit_images, start, velocity, num_frames: int,
-                canvas_size: int, digit_size: int):
+                canvas_size: int, digit_size: int, exit_margin: int = 0):
   """Renders a clip from its dynamics.
 
   Args:
@@ -317,7 +360,7 @@ def render_clip(digit_images, start, velocity, num_frames: int,
     start: [n, 2] top-left (y, x) at frame 0.
     velocity: [n, 2] pixels / frame (y, x).
     num_frames: any T; the first frames equal the stored clip exactly.
-    canvas_size, digit_size: as in the config.
+    canvas_size, digit_size, exit_margin: as in the config.
 
   Returns:
     (video uint8 [T, canvas, canvas, 1], positions float32 [T, n, 2]).
@@ -331,19 +374,21 @@ def render_clip(digit_images, start, velocity, num_frames: int,
         f" digit_images_for), got {digit_images.shape}"
     )
   positions = bounce_positions(start, velocity, num_frames, canvas_size,
-                               digit_size)
+                               digit_size, exit_margin)
   if positions.shape[1] != digit_images.shape[0]:
     raise DataError(
         f"{digit_images.shape[0]} digit images but {positions.shape[1]} starts"
     )
-  pix = pixel_positions(positions, canvas_size, digit_size)
+  pix = pixel_positions(positions, canvas_size, digit_size, exit_margin)
   video = np.zeros((num_frames, canvas_size, canvas_size, 1), np.uint8)
   for t in range(num_frames):
     frame = video[t, :, :, 0]
     for k, img in enumerate(digit_images):
       y, x = pix[t, k]
-      view = frame[y:y + digit_size, x:x + digit_size]
-      np.maximum(view, img, out=view)
+      x0, x1 = max(x, 0), min(x + digit_size, canvas_size)  # the part on the canvas
+      if x0 < x1:
+        view = frame[y:y + digit_size, x0:x1]
+        np.maximum(view, img[:, x0 - x:x1 - x], out=view)
   return video, positions
 
 
@@ -354,7 +399,7 @@ def regenerate_clip(example: Mapping[str, Any], num_frames: int,
   images = digit_images_for(example["source_index"], cfg.digit_size,
                             cfg.interpolation)
   return render_clip(images, example["start"], example["velocity"], num_frames,
-                     cfg.canvas_size, cfg.digit_size)
+                     cfg.canvas_size, cfg.digit_size, cfg.exit_margin)
 
 
 _SPLIT_IDS = {"train": 0, "test": 1}
@@ -370,12 +415,16 @@ def generate_example(cfg: MovingDigitsConfig, split: str, index: int):
   span = cfg.canvas_size - cfg.digit_size
   start = (rng.random((n, 2)) * span).astype(np.float32)
   speed = rng.uniform(cfg.speed_min, cfg.speed_max, size=n)
-  angle = rng.uniform(0.0, 2.0 * np.pi, size=n)
+  if cfg.exit_margin:  # near-horizontal, either way: every digit reaches a side
+    tilt = np.deg2rad(MAX_EXIT_TILT_DEGREES)
+    angle = rng.uniform(-tilt, tilt, size=n) + np.pi * rng.integers(0, 2, size=n)
+  else:
+    angle = rng.uniform(0.0, 2.0 * np.pi, size=n)
   velocity = np.stack([speed * np.sin(angle), speed * np.cos(angle)],
                       axis=-1).astype(np.float32)
   images = digit_images_for(source_index, cfg.digit_size, cfg.interpolation)
   video, positions = render_clip(images, start, velocity, cfg.num_frames,
-                                 cfg.canvas_size, cfg.digit_size)
+                                 cfg.canvas_size, cfg.digit_size, cfg.exit_margin)
   return {
       "video": video,
       "labels": all_labels[source_index].astype(np.int64),

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from data import DataError
+from data import digit_metrics
 from data import moving_digits as md
 
 
@@ -194,3 +195,49 @@ def test_named_configs():
   assert custom.name.startswith("custom_")
   assert md.make_config(num_frames=5).name == custom.name
   assert md.make_config(num_frames=6).name != custom.name
+
+
+def test_exit_margin_extends_the_horizontal_track_only():
+  # canvas 10, digit 4, margin 3 -> x moves in [-3, 9], y still in [0, 6].
+  pos = md.bounce_positions([[0.0, 6.0]], [[3.0, 4.0]], 6, 10, 4, exit_margin=3)
+  np.testing.assert_allclose(pos[:, 0, 0], [0, 3, 6, 3, 0, 3])
+  np.testing.assert_allclose(pos[:, 0, 1], [6, 8, 4, 0, -2, 2])  # reflected at 9 and at -3
+  np.testing.assert_allclose(md.bounce_positions([[0.0, 6.0]], [[3.0, -2.0]], 7, 10, 4,
+                                                 exit_margin=0),
+                             md.bounce_positions([[0.0, 6.0]], [[3.0, -2.0]], 7, 10, 4))
+  # The settings of configs without a margin (their data dirs and custom names) are unchanged.
+  assert "exit_margin" not in md.CONFIGS["default"].settings()
+  assert md.CONFIGS["exits"].settings()["exit_margin"] == 20
+  with pytest.raises(DataError, match="exit_margin"):
+    md.make_config(base="tiny", exit_margin=-1)
+
+
+def test_exits_digits_leave_the_canvas_for_chunks_and_come_back():
+  cfg = md.get_config("exits")
+  s, c, m = cfg.digit_size, cfg.canvas_size, cfg.exit_margin
+  for i in range(12):
+    ex = md.generate_example(cfg, "train", i)
+    video, pos = md.regenerate_clip(ex, cfg.num_frames, cfg)
+    np.testing.assert_array_equal(video, ex["video"])
+    top = md.pixel_positions(pos, c, s, m)[:, 0]  # [T, 2]
+    assert (top[:, 0] >= 0).all() and (top[:, 0] <= c - s).all()
+    assert (top[:, 1] >= -m).all() and (top[:, 1] <= c - s + m).all()
+    assert md.fully_visible(top[0], c, s)  # the context frames show the digit
+    off = (top[:, 1] <= -s) | (top[:, 1] >= c)
+    assert off.sum() >= 4, (i, top[:, 1])  # wholly off for at least 2 chunks of 2 frames
+    assert not video[off].any()  # nothing of it is drawn then
+    end = int(md.gap_ends(top[None, :, None], c, s)[0, 0])
+    assert end > np.argmax(off) and md.fully_visible(top[end], c, s)
+    image = md.digit_images_for(ex["source_index"], s, cfg.interpolation)[0]
+    y, x = top[end]
+    np.testing.assert_array_equal(video[end, y:y + s, x:x + s, 0], image)
+    partly = ~off & ~md.fully_visible(top, c, s)  # cut at the canvas edge
+    for t in np.flatnonzero(partly):
+      y, x = top[t]
+      x0, x1 = max(x, 0), min(x + s, c)
+      np.testing.assert_array_equal(video[t, y:y + s, x0:x1, 0], image[:, x0 - x:x1 - x])
+
+
+def test_the_long_horizon_evaluation_refuses_exits_digits_off_the_canvas():
+  with pytest.raises(DataError, match="exit_margin"):
+    digit_metrics.ground_truth(None, md.get_config("exits"), 1, 8)
