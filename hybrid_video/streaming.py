@@ -19,6 +19,7 @@ and context) and generate is jitted with explicit in/out shardings per capacity.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from data import digit_metrics, moving_digits
 from hybrid_video import sharding as sharding_lib
 from hybrid_video.diffusion import sample_chunk_fn
 from hybrid_video.errors import UserError
@@ -213,6 +215,7 @@ class StreamStats:
   chunk_seconds: list[float] = field(default_factory=list)
   wall_seconds: float = 0.0
   labels: list | None = None                             # conditioning labels, if any
+  digits: dict | None = None                             # Moving-Digits figures (report_digits)
 
 
 def check_num_frames(num_frames) -> int:
@@ -315,6 +318,26 @@ def report(path: str, stats: StreamStats, clip_frames: int | None = None):
         f"carry {stats.carry_bytes[-1]} bytes, {stats.compiles} compile(s)")
   if stats.labels:
     print(f"  conditioned on digit label {stats.labels[0][0]} (sampler.seed picks it)")
+
+
+def report_digits(frames01: np.ndarray, label: int | None, config, json_path: str,
+                  source: str = "") -> dict:
+  """The three digit figures of a Moving-Digits video (data/digit_metrics.py) on its frames
+  [T, H, W] in [0, 1] conditioned on `label`: the label recognised, one digit on screen, a
+  steady centre (<= 3 px per frame); printed, and written to `json_path`."""
+  dcfg = moving_digits.get_config(config.data.config)
+  classifier = digit_metrics.digit_classifier(dcfg.digit_size, dcfg.interpolation)
+  r = digit_metrics.video_digit_report(frames01, label, classifier)
+  with open(json_path, "w") as f:
+    json.dump(r, f, indent=1)
+  targets = {"label_rate": 0.8, "single_digit_rate": 0.95, "steady_rate": 0.9}
+  mark = lambda key: "ok" if (r[key] or 0) >= targets[key] else f"below {targets[key]:.0%}"
+  label_part = (f"label {label} recognised in {r['label_rate']:.0%} of frames "
+                f"({mark('label_rate')}), " if label is not None else "")
+  print(f"  digits{source}: {label_part}one digit in {r['single_digit_rate']:.0%} "
+        f"({mark('single_digit_rate')}), centre moves <= 3 px in {r['steady_rate']:.0%} of "
+        f"frame pairs ({mark('steady_rate')})")
+  return {k: r[k] for k in ("label", "label_rate", "single_digit_rate", "steady_rate")}
 
 
 def continue_clips(runner: ChunkRunner, videos: np.ndarray, labels: np.ndarray | None, *,

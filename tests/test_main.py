@@ -93,6 +93,9 @@ def test_smoke_main_job_end_to_end(tmp_path, data_dir):
                f"--config.data.dir={data_dir}", "--config.sampler.num_frames=9")
   assert r.returncode == 0, r.stderr[-3000:]
   assert read_video(os.path.join(workdir, "samples", "sample_step_0000030_9f.mp4")).shape[0] == 9
+  assert "digits (read back from the mp4): label " in r.stdout  # its three figures too
+  with open(os.path.join(workdir, "samples", "sample_step_0000030_9f_digits.json")) as f:
+    assert len(json.load(f)["predicted"]) == 9
 
 
 def _assert_one_line_error(r, *fragments):

@@ -38,7 +38,7 @@ from hybrid_video.errors import UserError
 from hybrid_video.modes.sample_text import sample_text_main
 from hybrid_video.nn.model import carry_bytes
 from hybrid_video.restore import load_model
-from hybrid_video.video_io import to_uint8
+from hybrid_video.video_io import read_video, to_uint8
 
 BATCH = 1  # the video holds the first sample of the batch
 
@@ -186,6 +186,14 @@ def sample_main(config, workdir: str, *, overrides=None) -> streaming.StreamStat
   finally:
     ckpt.close()
   streaming.report(path, stats)
+  if config.data.source == "moving_digits" and jax.process_index() == 0:
+    # The whole video (a resumed stream's earlier chunks too), read back from the mp4.
+    up = int(config.video_upscale)
+    frames = read_video(path)[:, ::up, ::up, 0].astype(np.float32) / 255.0
+    label = stats.labels[0][0] if stats.labels else None
+    stats.digits = streaming.report_digits(frames, label, config,
+                                           path[:-len(".mp4")] + "_digits.json",
+                                           source=" (read back from the mp4)")
   print(f"  stream {start.how}{f' at chunk {start.chunk}' if start.how == 'resumed' else ''}; "
         f"checkpoints and segments in {stream_dir}")
   return stats

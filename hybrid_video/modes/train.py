@@ -3,7 +3,6 @@ long video (the main job)."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -11,7 +10,6 @@ import jax
 import numpy as np
 from absl import logging
 
-from data import digit_metrics, moving_digits
 from hybrid_video import inputs as inputs_lib
 from hybrid_video import streaming
 from hybrid_video.train import Trainer
@@ -22,21 +20,9 @@ def final_video_digits(path: str, chunks: list, stats, config) -> dict:
   frames as generated (chunks [T, H, W, 1] in [-1, 1]): the conditioned label recognised, one
   digit on screen, and a steady centre (<= 3 px per frame); printed, and written next to the
   video as JSON."""
-  dcfg = moving_digits.get_config(config.data.config)
   frames = np.clip((np.concatenate(chunks)[..., 0] + 1.0) / 2.0, 0.0, 1.0)
   label = stats.labels[0][0] if stats.labels else None
-  classifier = digit_metrics.digit_classifier(dcfg.digit_size, dcfg.interpolation)
-  r = digit_metrics.video_digit_report(frames, label, classifier)
-  with open(path[:-len(".mp4")] + "_digits.json", "w") as f:
-    json.dump(r, f, indent=1)
-  targets = {"label_rate": 0.8, "single_digit_rate": 0.95, "steady_rate": 0.9}
-  mark = lambda key: "ok" if (r[key] or 0) >= targets[key] else f"below {targets[key]:.0%}"
-  label_part = (f"label {label} recognised in {r['label_rate']:.0%} of frames "
-                f"({mark('label_rate')}), " if label is not None else "")
-  print(f"  digits: {label_part}one digit in {r['single_digit_rate']:.0%} "
-        f"({mark('single_digit_rate')}), centre moves <= 3 px in {r['steady_rate']:.0%} of "
-        f"frame pairs ({mark('steady_rate')})")
-  return {k: r[k] for k in ("label", "label_rate", "single_digit_rate", "steady_rate")}
+  return streaming.report_digits(frames, label, config, path[:-len(".mp4")] + "_digits.json")
 
 
 def train_main(config, workdir: str, *, overrides=None) -> dict:
