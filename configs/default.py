@@ -39,9 +39,10 @@ def model_config() -> ml_collections.ConfigDict:
   m.prediction = "x0"          # what the head predicts: "velocity" (eps - x0; Wan and every
   #                              imported model) or "x0" (the clean video, returned as the
   #                              velocity (x_t - x0_hat) / t). x0 here: 8x8 patches are large
-  #                              for width 96, and clean frames are far easier to predict than
-  #                              noise (Li & He 2025); the main job's digits went from speckled
-  #                              blobs to strokes (same steps; see README, "main job")
+  #                              for width 96, and clean frames are easier to predict than
+  #                              noise (Li & He 2025). Main job after 4 minutes, label / one
+  #                              digit / steady: velocity at lr 2e-3 14/69/78%, x0 at 2e-3
+  #                              12/70/56%, x0 at 4e-3 28/80/73% (README, "main job")
   m.cond = "labels"            # "labels" (digit tokens), "none" (unconditional), "embeddings"
   m.num_classes = 10           # label vocabulary for cond="labels"
   m.null_label = True          # cond="labels" only: one more label token meaning "no label",
@@ -123,8 +124,8 @@ def sampler_config() -> ml_collections.ConfigDict:
   s.shift = 1.0                # timestep shift t' = s t / (1 + (s - 1) t) (paper: 5 with
   #                              few_step; 1 = uniform Euler steps)
   s.num_steps = 32             # euler: number of steps (model passes per chunk; 32: one digit
-  #                              on screen in 86-94% of frames against 83% with 16 and 64% with
-  #                              8, on one 4-minute model)
+  #                              on screen in 86% of frames against 83% with 16, 64% with 8
+  #                              and 94% with 64, on one 4-minute model)
   s.guidance = 8.0             # classifier-free guidance scale w: v_null + w (v - v_null) per
   #                              pass (1 = off; label models need model.null_label;
   #                              unconditional models sample unguided). 8: the main job's

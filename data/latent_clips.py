@@ -10,8 +10,7 @@ The VAE is any object with `encode(video) -> latents`, video [B, T, H, W, 3] flo
 and latents [B, t, h, w, z] (e.g. `hybrid_video.nn.vae.StreamingVAE` or `VAE`; this package does
 not import the model package). `num_frames` must suit it (1 + 4 k for the Wan VAE).
 
-Usage:
-  from data import latent_clips
+Usage (with `from data import latent_clips` at the top of your module):
   builder = latent_clips.prepare('/path/to/videos', vae, data_dir, vae_name='wan2.1',
                                  num_frames=81, height=480, width=832, fps=16)
   latents = latent_clips.LatentSource(builder)[0]      # float32 [t, h, w, z], no TF

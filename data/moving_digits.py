@@ -28,8 +28,7 @@ corner). With exit_margin m > 0 the horizontal track is [-m, L + m] instead
 come back (config 'exits'). `positions` stores pos(t) as float32; the digit is drawn with its
 top-left pixel at floor(positions + 0.5) (computed in float32).
 
-Usage:
-  from data import moving_digits
+Usage (with `from data import moving_digits` at the top of your module):
   builder = moving_digits.prepare('tiny', data_dir)   # builds once, array_record
   source = builder.as_data_source('train')            # random access, no TF
 """

@@ -17,8 +17,7 @@ Split: all clips go to 'train'; with `test_fraction > 0`, a seeded random
 subset of whole FILES goes to 'test' (clips of one video never straddle the
 split).
 
-Usage:
-  from data import video_folder
+Usage (with `from data import video_folder` at the top of your module):
   builder = video_folder.prepare('/path/to/videos', data_dir, num_frames=16,
                                  height=64, width=64, fps=8)
   source = builder.as_data_source('train')   # random access, no TF

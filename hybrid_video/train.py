@@ -39,6 +39,7 @@ from hybrid_video.train_state import (TrainState, abstract_train_state, apply_gr
 
 LABEL_DROPOUT_STREAM = 0x1ab  # fold_in tag of the label-dropout key (independent of the noise)
 
+
 def make_train_step(graphdef, tx, tcfg, loss_fn: Callable = flow_matching_loss):
   """Pure `train_step(state, batch, rng) -> (state, metrics)`.
 
@@ -49,7 +50,6 @@ def make_train_step(graphdef, tx, tcfg, loss_fn: Callable = flow_matching_loss):
   """
   schedule = make_schedule(tcfg)
   accum = int(tcfg.get("grad_accum_steps", 1) or 1)
-
   label_dropout = float(tcfg.get("label_dropout", 0.0) or 0.0)
 
   def train_step(state: TrainState, batch, rng):

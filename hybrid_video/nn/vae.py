@@ -33,10 +33,10 @@ import functools
 from typing import Any
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from hybrid_video.errors import UserError
 
