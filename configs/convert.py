@@ -58,6 +58,9 @@ def stage_config(**overrides) -> ml_collections.ConfigDict:
   s.ema_decay = 0.0            # EMA of the trainable parameters, warmup as in training; 0 = off
   s.t_logit_mean = 0.0         # per-chunk noise level t = sigmoid(N(mean, std)), as in training
   s.t_logit_std = 1.0
+  s.label_dropout = 0.0        # fraction of clips given the null label (teacher and student
+  #                              alike; only teachers with model.null_label: classifier-free
+  #                              guidance keeps working after conversion)
   s.log_every = 20             # steps between metric (and diagnostics) writes
   s.checkpoint_every = 1000    # steps between checkpoints (and one at the end)
   s.keep_checkpoints = 2       # checkpoints kept per stage
@@ -77,6 +80,8 @@ def convert_config() -> ml_collections.ConfigDict:
   c.hybrid = ml_collections.ConfigDict()
   c.hybrid.layers = placeholder(tuple)  # explicit hybrid layer indices; overrides ratio
   c.hybrid.ratio = 0.75        # fraction of layers made hybrid, earliest first
+  c.memory_read = "block"      # the student's model.memory.read: "block" (ARL2) or "token"
+  #                              (the per-token-read ablation, converted and distilled with it)
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 16             # LoRA rank in stage 2 (paper: 16)
   c.lora.alpha = 32.0          # LoRA alpha; the delta is scaled by alpha / rank (paper: 32)
@@ -89,7 +94,7 @@ def convert_config() -> ml_collections.ConfigDict:
   #                              B starts at zero in both
   c.stage1 = stage_config(num_steps=120, learning_rate=1e-2, max_minutes=2.5)  # alignment
   c.stage2 = stage_config(num_steps=100, learning_rate=1e-3, batch_size=4,     # distillation
-                          max_minutes=3.0)
+                          max_minutes=3.0, label_dropout=0.1)  # as the teacher's training
   c.stage2.mode = "teacher_forcing"  # "teacher_forcing" (dataset clips) or "rollout"
   c.stage2.rollout = ml_collections.ConfigDict()
   c.stage2.rollout.num_chunks = 6     # chunks the student generates per rollout

@@ -220,6 +220,12 @@ def eval_config() -> ml_collections.ConfigDict:
   e.ink_threshold = 0.25       # a crop / search area whose max is below this holds no digit
   e.psnr_cap = 100.0           # PSNR of identical frames (dB)
   e.seed = 0                   # sampling noise seed (the same for every checkpoint)
+  e.num_seeds = 1              # sampling seeds per checkpoint (seed + i * 1,000,003): figures
+  #                              are means over seeds with their standard deviation
+  e.condition = "label"        # "label": each clip's own label; "null": the null label (models
+  #                              with model.null_label), so a digit's identity must come from
+  #                              the context frames (the memory task)
+  e.gap_window = 8             # exits data: frames scored for identity after the digit returns
   e.workdirs = placeholder(str)  # [LABEL=]WORKDIR[+FIELD=VALUE...],... checkpoints compared
   #                              side by side (default: --workdir); was the --eval_workdirs flag
   return e

@@ -32,6 +32,9 @@ class GroundTruth:
   clip_frames: int         # length of the stored (training) clips
   digit_size: int
   interpolation: str
+  visible: np.ndarray | None = None   # bool [V, T, n]: digit wholly on the canvas (None: always)
+  gap_end: np.ndarray | None = None   # int [V, n]: first frame wholly back on the canvas after
+  #                                     being wholly off it (moving_digits.gap_ends; -1: none)
 
   @property
   def frames01(self) -> np.ndarray:
@@ -40,24 +43,28 @@ class GroundTruth:
 
 def ground_truth(source, dcfg, num_videos: int, total_frames: int) -> GroundTruth:
   """The first `num_videos` clips of a split `source`, re-rendered for `total_frames` frames.
-  dcfg: the moving_digits config the clips were made with."""
-  if getattr(dcfg, "exit_margin", 0):
-    raise DataError(f"moving_digits config {dcfg.name!r} moves digits off the canvas "
-                    "(exit_margin): the long-horizon evaluation's crops and position search "
-                    "assume digits on it; score such videos with identity_after_gap")
+  dcfg: the moving_digits config the clips were made with. With exit_margin, top_left may lie
+  off the canvas; `visible` and `gap_end` say when each digit is on it."""
+  margin = int(getattr(dcfg, "exit_margin", 0) or 0)
   videos, tops, labels, templates = [], [], [], []
   for i in range(num_videos):
     ex = source[i]
     video, positions = moving_digits.regenerate_clip(ex, total_frames, dcfg)
     videos.append(video)
-    tops.append(moving_digits.pixel_positions(positions, dcfg.canvas_size, dcfg.digit_size))
+    tops.append(moving_digits.pixel_positions(positions, dcfg.canvas_size, dcfg.digit_size,
+                                              margin))
     labels.append(np.asarray(ex["labels"], np.int64))
     templates.append(moving_digits.digit_images_for(ex["source_index"], dcfg.digit_size,
                                                     dcfg.interpolation))
-  return GroundTruth(video=np.stack(videos), top_left=np.stack(tops), labels=np.stack(labels),
+  top_left = np.stack(tops)
+  visible = gap_end = None
+  if margin:
+    visible = moving_digits.fully_visible(top_left, dcfg.canvas_size, dcfg.digit_size)
+    gap_end = moving_digits.gap_ends(top_left, dcfg.canvas_size, dcfg.digit_size)
+  return GroundTruth(video=np.stack(videos), top_left=top_left, labels=np.stack(labels),
                      templates=np.stack(templates).astype(np.float32) / 255.0,
                      clip_frames=int(dcfg.num_frames), digit_size=int(dcfg.digit_size),
-                     interpolation=dcfg.interpolation)
+                     interpolation=dcfg.interpolation, visible=visible, gap_end=gap_end)
 
 
 def crops(frames: np.ndarray, top_left: np.ndarray, size: int) -> np.ndarray:

@@ -84,6 +84,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval.num_frames": POSITIVE,
     "eval.num_videos": POSITIVE,
     "eval.batch_size": POSITIVE,
+    "eval.num_seeds": POSITIVE,
+    "eval.gap_window": POSITIVE,
+    "eval.condition": _one_of("label", "null"),
     "video_fps": POSITIVE,
     "video_upscale": POSITIVE,
 }

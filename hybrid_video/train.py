@@ -40,6 +40,14 @@ from hybrid_video.train_state import (TrainState, abstract_train_state, apply_gr
 LABEL_DROPOUT_STREAM = 0x1ab  # fold_in tag of the label-dropout key (independent of the noise)
 
 
+def dropped_labels(batch, rng, rate: float, null_label: int | None):
+  """train.label_dropout (diffusion.drop_labels) keyed by its own fold_in of the step's key, so
+  the noise of runs without dropout is unchanged; the batch as is at rate 0."""
+  if not rate:
+    return batch
+  return drop_labels(batch, jax.random.fold_in(rng, LABEL_DROPOUT_STREAM), rate, null_label)
+
+
 def make_train_step(graphdef, tx, tcfg, loss_fn: Callable = flow_matching_loss):
   """Pure `train_step(state, batch, rng) -> (state, metrics)`.
 
@@ -55,9 +63,8 @@ def make_train_step(graphdef, tx, tcfg, loss_fn: Callable = flow_matching_loss):
   def train_step(state: TrainState, batch, rng):
     rng = jax.random.fold_in(rng, state["step"])
     null = nnx.merge(graphdef, state["params"]).null_label_index if label_dropout else None
-    if null is not None:  # its own key: the noise of runs without dropout is unchanged
-      batch = drop_labels(batch, jax.random.fold_in(rng, LABEL_DROPOUT_STREAM), label_dropout,
-                          null)
+    if null is not None:
+      batch = dropped_labels(batch, rng, label_dropout, null)
     if accum == 1:
       def loss_of(params):
         return loss_fn(nnx.merge(graphdef, params), batch, rng, tcfg)

@@ -25,7 +25,7 @@ from hybrid_video.errors import CheckpointError, UserError
 from hybrid_video.metrics import MetricWriter, read_jsonl
 from hybrid_video.nn.model import CausalDiT, abstract_model, stored_params
 from hybrid_video.optim import make_optimizer, make_schedule
-from hybrid_video.train import run_loop
+from hybrid_video.train import dropped_labels, run_loop
 from hybrid_video.train_state import apply_gradients, init_train_state
 
 # -- the teacher ----------------------------------------------------------------
@@ -62,16 +62,20 @@ def stored_teacher(teacher_params, teacher_dtype: str):
 # -- stage training --------------------------------------------------------------------------------
 
 
-def make_stage_step(loss_fn, tx, scfg):
+def make_stage_step(loss_fn, tx, scfg, null_label: int | None = None):
   """Pure `train_step(state, batch, rng, frozen, teacher) -> (state, metrics)`.
 
   state = {"step", "params" (trainable only), "opt_state", "ema"}; frozen and teacher
-  parameters are read-only inputs.
+  parameters are read-only inputs. With a null label (the teacher's model.null_label) and
+  scfg.label_dropout > 0, that fraction of clips gets the null label, for teacher and student
+  alike, so the student learns the teacher's unconditional prediction too (guidance).
   """
   schedule = make_schedule(scfg)
+  label_dropout = float(scfg.get("label_dropout", 0.0) or 0.0) if null_label is not None else 0.0
 
   def train_step(state, batch, rng, frozen, teacher):
     rng = jax.random.fold_in(rng, state["step"])
+    batch = dropped_labels(batch, rng, label_dropout, null_label)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], frozen, teacher, batch, rng)
     state, metrics = apply_gradients(state, loss, grads, tx, schedule,
@@ -128,8 +132,8 @@ def run_stage(name: str, stage: int, student: CausalDiT, teacher: CausalDiT, scf
   tx = make_optimizer(scfg)
   state = init_train_state(trainable, tx)
   f = student.frames_per_chunk
-  step_fn = jax.jit(make_stage_step(loss_factory(loss_graphdef, loss_teacher_graphdef), tx, scfg),
-                    donate_argnums=(0,))
+  step_fn = jax.jit(make_stage_step(loss_factory(loss_graphdef, loss_teacher_graphdef), tx, scfg,
+                                    null_label=student.null_label_index), donate_argnums=(0,))
   diag_fn = jax.jit(make_diagnostics_fn(graphdef, teacher_graphdef, layers, scfg, f,
                                         teacher_inputs=stage == 1))
   checkpointer = ckpt_lib.Checkpointer(stage_dir, keep=int(scfg.keep_checkpoints))

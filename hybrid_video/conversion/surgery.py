@@ -20,6 +20,7 @@ from hybrid_video.nn.model import CausalDiT, abstract_model, resolve_hybrid_laye
 
 # The parameters a hybrid layer adds to the softmax layer it replaces (method doc §3).
 NEW_PARAMS = ("phi_q", "phi_k", "phi_v", "w_a", "w_b", "w_gate", "a_log", "dt_bias")
+MEMORY_READS = ("block", "token")  # model.memory.read: ARL2's per-chunk read, the ablation's
 BACKEND_FIELDS = ("attention_impl", "memory_impl", "kernel_interpret", "gdn_chunk_size")
 STAGE2_MODES = ("teacher_forcing", "rollout")
 
@@ -33,8 +34,9 @@ def copy_config(cfg) -> ml_collections.ConfigDict:
 
 
 def student_model_config(teacher_cfg, ccfg, *, lora: bool) -> ml_collections.ConfigDict:
-  """The student's `model` config: the teacher's, with `convert.hybrid` layers made hybrid and,
-  for stage 2, the `convert.lora` section (`model.lora`, read by blocks.py)."""
+  """The student's `model` config: the teacher's, with `convert.hybrid` layers made hybrid, the
+  memory read `convert.memory_read` and, for stage 2, the `convert.lora` section (`model.lora`,
+  read by blocks.py)."""
   m = copy_config(teacher_cfg)
   if resolve_hybrid_layers(m.num_layers, m.hybrid.layers, m.hybrid.ratio):
     raise UserError("the teacher already has hybrid layers; conversion starts from an all-softmax "
@@ -44,6 +46,10 @@ def student_model_config(teacher_cfg, ccfg, *, lora: bool) -> ml_collections.Con
     raise UserError(f"convert.hybrid selects no layer (ratio={ccfg.hybrid.ratio}, "
                     f"layers={ccfg.hybrid.layers}); nothing to convert")
   m.hybrid.layers = tuple(layers)
+  read = str(ccfg.get("memory_read", "block"))
+  if read not in MEMORY_READS:
+    raise UserError(f"convert.memory_read={read!r} must be one of {MEMORY_READS}")
+  m.memory.read = read
   lc = ccfg.lora
   m.lora = ml_collections.ConfigDict({
       "rank": int(lc.rank) if lora else 0, "alpha": float(lc.alpha),

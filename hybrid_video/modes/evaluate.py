@@ -18,6 +18,13 @@ Per generated frame (index 0 = the first frame after the context) and per horizo
                     top-left in the generated frame, searched within eval.search_radius; a digit
                     with no ink in the searched area is lost and scores radius * sqrt(2)
   lost              fraction of digits lost
+  identity_after_gap  exits data (digits leave the canvas and come back): the generated digit,
+                    wherever it is, read as the clip's label in the eval.gap_window frames after
+                    the true digit is wholly back on the canvas; the digit metrics above count
+                    only frames where the true digit is wholly on the canvas
+With eval.condition='null' label models get the null label, so identity must come from the
+context frames; with eval.num_seeds > 1 every figure is a mean over seeds with its standard
+deviation ("spread" in eval.json, "mean±std" in the table).
 Two baselines are evaluated alongside the models: "last_frame" (the last context frame repeated)
 and "blank" (an empty canvas). The canvas is mostly background, so a blank frame already scores
 SSIM ~0.6 and PSNR ~15 dB; read the models against these floors.
@@ -113,15 +120,18 @@ def load_ground_truth(config, num_videos: int, total_frames: int) -> GroundTruth
 
 def frame_metrics(generated: np.ndarray, truth: np.ndarray, top_left: np.ndarray,
                   templates: np.ndarray, classifier, *, radius: int, ink_threshold: float,
-                  psnr_cap: float, truth_pred: np.ndarray | None = None
-                  ) -> dict[str, np.ndarray]:
+                  psnr_cap: float, truth_pred: np.ndarray | None = None,
+                  visible: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """Per-frame metrics. generated, truth [V, M, H, W, C] in [0, 1]; top_left int [V, M, n, 2]
-  (true positions); templates [V, n, s, s]; truth_pred: `truth_labels(...)` of these truth
-  frames, computed when None. Returns psnr, ssim [V, M] and retained, label_pred, truth_pred,
-  position_error, lost [V, M, n]."""
+  (true positions; off the canvas for exits data); templates [V, n, s, s]; truth_pred:
+  `truth_labels(...)` of these truth frames, computed when None; visible bool [V, M, n]: the
+  digit wholly on the canvas (None: always). Returns psnr, ssim [V, M] and retained, label_pred,
+  truth_pred, position_error, lost, visible [V, M, n]; the digit metrics of frames where a digit
+  is not visible are meaningless and left out of `summarize`'s means."""
   generated = np.asarray(generated, np.float32)
   truth = np.asarray(truth, np.float32)
   size = templates.shape[-1]
+  top_left = on_canvas(top_left, generated.shape[-3:-1], size)
   gray_gen = generated.mean(axis=-1)
   pred = classifier.predict(digit_metrics.crops(gray_gen, top_left, size))
   if truth_pred is None:
@@ -138,13 +148,48 @@ def frame_metrics(generated: np.ndarray, truth: np.ndarray, top_left: np.ndarray
       "truth_pred": truth_pred,
       "position_error": error,
       "lost": lost,
+      "visible": np.ones(pred.shape, bool) if visible is None else np.asarray(visible, bool),
   }
+
+
+def on_canvas(top_left: np.ndarray, frame_hw, size: int) -> np.ndarray:
+  """Positions moved onto the canvas (crops must lie inside frames; only exits data has digits
+  off it, and those frames are masked out of the digit metrics)."""
+  h, w = frame_hw
+  return np.clip(np.asarray(top_left, np.int64), 0, np.array([h - size, w - size]))
 
 
 def truth_labels(truth: np.ndarray, top_left: np.ndarray, size: int, classifier) -> np.ndarray:
   """The classifier's labels of the true digits [V, M, n] (the reference for retention)."""
   gray = np.asarray(truth, np.float32).mean(axis=-1)
+  top_left = on_canvas(top_left, gray.shape[-2:], size)
   return classifier.predict(digit_metrics.crops(gray, top_left, size))
+
+
+def gap_identity(generated: np.ndarray, gt: GroundTruth, context_frames: int, classifier, *,
+                 window: int, ink_threshold: float) -> dict:
+  """Identity after the gap (exits data): for each clip whose digit returns to the canvas within
+  the generated frames, the fraction of the `window` generated frames from its return whose
+  digit (the largest blob, wherever it is) the classifier reads as the clip's label
+  (digit_metrics.identity_after_gap). The label the model was given (or the null label) is
+  not used: with eval.condition='null' the identity can only come from the context frames.
+  Returns {"identity_after_gap": mean over those clips (None without any), "gap_clips": their
+  number, "per_clip": [value or None]}."""
+  per_clip = []
+  if gt.gap_end is None or gt.labels.shape[1] != 1:
+    return {"identity_after_gap": None, "gap_clips": 0, "per_clip": []}
+  gray = np.asarray(generated, np.float32).mean(axis=-1)
+  for v in range(gray.shape[0]):
+    end = int(gt.gap_end[v, 0]) - context_frames  # index in the generated frames
+    if gt.gap_end[v, 0] < context_frames or end >= gray.shape[1]:
+      per_clip.append(None)
+      continue
+    per_clip.append(digit_metrics.identity_after_gap(
+        gray[v], int(gt.labels[v, 0]), end, classifier, window=window,
+        ink_threshold=ink_threshold))
+  values = [x for x in per_clip if x is not None]
+  return {"identity_after_gap": float(np.mean(values)) if values else None,
+          "gap_clips": len(values), "per_clip": per_clip}
 
 
 def bucket_edges(num_frames: int, clip_frames: int, bucket_clips) -> list[tuple[int, int]]:
@@ -154,46 +199,104 @@ def bucket_edges(num_frames: int, clip_frames: int, bucket_clips) -> list[tuple[
   return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
+DIGIT_METRICS = ("retention", "label_accuracy", "position_error", "lost")  # where visible
+
+
 def summarize(m: dict[str, np.ndarray], labels: np.ndarray, buckets) -> dict:
-  """Means over clips (and digits) per frame, per bucket and overall."""
+  """Means over clips (and digits) per frame, per bucket and overall. The digit metrics count
+  only frames where the digit is wholly on the canvas (m["visible"]); None where none is."""
   label_ok = m["label_pred"] == labels[:, None, :]
   series = {
       "psnr": m["psnr"], "ssim": m["ssim"], "retention": m["retained"].astype(np.float64),
       "label_accuracy": label_ok.astype(np.float64),
       "position_error": m["position_error"], "lost": m["lost"].astype(np.float64),
   }
-  per_frame = {k: _frame_mean(v).tolist() for k, v in series.items()}
-  out_buckets = []
-  for a, b in buckets:
-    out_buckets.append({"frames": [a, b], **{k: float(np.mean(v[:, a:b])) for k, v in
-                                             series.items()}})
-  overall = {k: float(np.mean(v)) for k, v in series.items()}
+  visible = m.get("visible")
+  if visible is None:
+    visible = np.ones(m["retained"].shape, bool)
+
+  def mean(key, a=0, b=None):
+    x = series[key][:, a:b]
+    if key not in DIGIT_METRICS:
+      return float(np.mean(x))
+    w = visible[:, a:b]
+    return float(np.sum(x * w) / np.sum(w)) if w.any() else None
+
+  per_frame = {k: [mean(k, j, j + 1) for j in range(series[k].shape[1])] for k in series}
+  out_buckets = [{"frames": [a, b], **{k: mean(k, a, b) for k in series}} for a, b in buckets]
+  overall = {k: mean(k) for k in series}
   return {"per_frame": per_frame, "buckets": out_buckets, "overall": overall}
 
 
-def _frame_mean(x: np.ndarray) -> np.ndarray:
-  return x.reshape(x.shape[0], x.shape[1], -1).mean(axis=(0, 2))
+def mean_over_seeds(summaries: list[dict]) -> dict:
+  """The mean of per-seed `summarize` results (same structure), with "spread": the sample
+  standard deviation over seeds of every bucket and overall figure (None for one seed)."""
+  def combine(values, fn):
+    if isinstance(values[0], dict):
+      return {k: values[0][k] if k == "frames" else combine([v[k] for v in values], fn)
+              for k in values[0]}
+    if isinstance(values[0], list):
+      return [combine(list(x), fn) for x in zip(*values)]
+    if values[0] is None or isinstance(values[0], (str, bool)) or any(v is None for v in values):
+      return values[0] if all(v == values[0] for v in values) else None
+    return fn(np.asarray(values, np.float64))
+
+  out = combine(summaries, lambda x: float(np.mean(x)))
+  if len(summaries) > 1:
+    std = lambda x: float(np.std(x, ddof=1))
+    out["spread"] = {"buckets": combine([s["buckets"] for s in summaries], std),
+                     "overall": combine([s["overall"] for s in summaries], std)}
+    if "gap" in summaries[0]:
+      out["spread"]["gap"] = combine([s["gap"] for s in summaries], std)
+  else:
+    out["spread"] = None
+  return out
 
 
 # -- streaming -------------------------------------------------------------------------------------
 
 
 def continue_ground_truth(runner: ChunkRunner, gt: GroundTruth, *, context_frames: int,
-                          num_frames: int, seed: int, use_labels: bool, progress: bool = True,
-                          desc: str = "eval") -> np.ndarray:
-  """Feed k true frames, generate M more (streaming.continue_clips). Returns float
-  [V, M, H, W, C] in [0, 1]."""
+                          num_frames: int, seed: int, labels: np.ndarray | None,
+                          progress: bool = True, desc: str = "eval") -> np.ndarray:
+  """Feed k true frames, generate M more (streaming.continue_clips) conditioned on `labels`
+  [V, n] (None: an unconditional model). Returns float [V, M, H, W, C] in [0, 1]."""
   f = runner.model.frames_per_chunk
   num_videos, b = gt.video.shape[0], runner.batch
   bar = tqdm(total=math.ceil(num_videos / b) * (context_frames // max(f, 1) +
                                                 math.ceil(num_frames / f)),
              desc=desc, unit="chunk", disable=not progress)
   videos = gt.video.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-  out = continue_clips(runner, videos, gt.labels if use_labels else None,
-                       context_frames=context_frames, num_frames=num_frames, seed=seed,
-                       on_chunk=lambda: bar.update(1))
+  out = continue_clips(runner, videos, labels, context_frames=context_frames,
+                       num_frames=num_frames, seed=seed, on_chunk=lambda: bar.update(1))
   bar.close()
   return np.clip((out + 1.0) / 2.0, 0.0, 1.0)
+
+
+CONDITIONS = ("label", "null")
+SEED_STRIDE = 1_000_003  # seed i of eval.num_seeds is eval.seed + i * SEED_STRIDE; clips within a
+#                          run use key(seed + clip batch start), so seeds never share noise
+
+
+def eval_labels(condition: str, model, mcfg, gt: GroundTruth, label: str) -> np.ndarray | None:
+  """What the model is conditioned on: the clips' labels, the null label, or nothing."""
+  if condition not in CONDITIONS:
+    raise UserError(f"eval.condition={condition!r} must be one of {CONDITIONS}")
+  if mcfg.model.cond != "labels":
+    return None
+  if condition == "label":
+    return gt.labels
+  if model.null_label_index is None:
+    raise UserError(f"eval.condition='null' needs models trained with a null label "
+                    f"(model.null_label); {label} has none")
+  return np.full_like(gt.labels, model.null_label_index)
+
+
+def eval_seeds(ecfg) -> list[int]:
+  n = int(ecfg.get("num_seeds", 1) or 1)
+  if n < 1:
+    raise UserError(f"eval.num_seeds must be >= 1, got {n}")
+  return [int(ecfg.seed) + i * SEED_STRIDE for i in range(n)]
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -207,7 +310,13 @@ def evaluate_main(config, workdir: str, *, overrides=None) -> dict:
   k, m_frames = int(ecfg.context_frames), int(ecfg.num_frames)
   if m_frames < 1 or int(ecfg.num_videos) < 1 or int(ecfg.batch_size) < 1:
     raise UserError("eval.num_frames, eval.num_videos and eval.batch_size must be >= 1")
-  results: dict[str, Any] = {"entries": {}, "settings": ecfg.to_dict(),
+  condition = str(ecfg.get("condition", "label"))
+  if condition not in CONDITIONS:
+    raise UserError(f"eval.condition={condition!r} must be one of {CONDITIONS}")
+  seeds = eval_seeds(ecfg)
+  gap_window = int(ecfg.get("gap_window", 8))
+  results: dict[str, Any] = {"entries": {}, "settings": ecfg.to_dict(), "seeds": seeds,
+                             "condition": condition,
                              "hardware": hardware_info(), "provenance": provenance()}
   gt = None
   data_key = None
@@ -227,29 +336,40 @@ def evaluate_main(config, workdir: str, *, overrides=None) -> dict:
                                                    float(ecfg.ink_threshold))
         truth = gt.frames01[:, k:]
         top_left = gt.top_left[:, k:]
+        visible = None if gt.visible is None else gt.visible[:, k:]
         buckets = bucket_edges(m_frames, gt.clip_frames, ecfg.bucket_clips)
         truth_pred = truth_labels(truth, top_left, gt.digit_size, classifier)  # once for all
         metric_args = dict(radius=radius, ink_threshold=float(ecfg.ink_threshold),
-                           psnr_cap=float(ecfg.psnr_cap), truth_pred=truth_pred)
+                           psnr_cap=float(ecfg.psnr_cap), truth_pred=truth_pred,
+                           visible=visible)
+        gap_args = dict(window=gap_window, ink_threshold=float(ecfg.ink_threshold))
         results.update(_common(config, mcfg, gt, classifier, truth_pred, buckets, radius, k,
                                m_frames))
         results["baselines"] = {}
         for name, frames in (("last_frame", np.repeat(gt.frames01[:, k - 1:k], m_frames, axis=1)),
                              ("blank", np.zeros_like(truth))):
           bm = frame_metrics(frames, truth, top_left, gt.templates, classifier, **metric_args)
-          results["baselines"][name] = summarize(bm, gt.labels, buckets)
+          results["baselines"][name] = {
+              **summarize(bm, gt.labels, buckets), "spread": None,
+              "gap": gap_identity(frames, gt, k, classifier, **gap_args)}
       elif key != data_key:
         raise UserError(f"{entry.workdir} was trained on other data ({mcfg.data.config}); "
                         "every --config.eval.workdirs entry must share the data config")
+      labels = eval_labels(condition, model, mcfg, gt, entry.label)
       runner = ChunkRunner(model, config.sampler, batch=min(int(ecfg.batch_size),
                                                             int(ecfg.num_videos)),
                            frame_hw=gt.video.shape[2:4])
-      gen = continue_ground_truth(runner, gt, context_frames=k, num_frames=m_frames,
-                           seed=int(ecfg.seed), use_labels=mcfg.model.cond == "labels",
-                           progress=progress, desc=entry.label)
+      per_seed = []
+      for i, seed in enumerate(seeds):
+        desc = entry.label + (f" seed {i + 1}/{len(seeds)}" if len(seeds) > 1 else "")
+        gen = continue_ground_truth(runner, gt, context_frames=k, num_frames=m_frames,
+                                    seed=seed, labels=labels, progress=progress, desc=desc)
+        fm = frame_metrics(gen, truth, top_left, gt.templates, classifier, **metric_args)
+        per_seed.append({**summarize(fm, gt.labels, buckets),
+                         "gap": gap_identity(gen, gt, k, classifier, **gap_args)})
+        if i == 0:
+          generated_samples[entry.label] = gen[0]
       stream_seconds = time.perf_counter() - t0
-      fm = frame_metrics(gen, truth, top_left, gt.templates, classifier, **metric_args)
-      generated_samples[entry.label] = gen[0]
       results["entries"][entry.label] = {
           "workdir": os.path.abspath(entry.workdir), "step": step,
           "overrides": entry.overrides,
@@ -261,7 +381,9 @@ def evaluate_main(config, workdir: str, *, overrides=None) -> dict:
                     "kv_cache": mcfg.model.kv_cache.to_dict()},
           "compiles": {"generate": runner.compiles, "feed": len(runner.feed_traces)},
           "seconds": stream_seconds,
-          **summarize(fm, gt.labels, buckets),
+          **mean_over_seeds(per_seed),
+          "per_seed": [{"seed": sd, "overall": p["overall"], "gap": p["gap"]}
+                       for sd, p in zip(seeds, per_seed)],
       }
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
@@ -278,7 +400,9 @@ def evaluate_main(config, workdir: str, *, overrides=None) -> dict:
 
 def _common(config, mcfg, gt: GroundTruth, classifier, truth_pred, buckets, radius, k,
             m_frames) -> dict:
-  ceiling = float(np.mean(truth_pred == gt.labels[:, None]))
+  ok = truth_pred == gt.labels[:, None]
+  visible = None if gt.visible is None else gt.visible[:, k:]
+  ceiling = float(np.mean(ok) if visible is None else np.sum(ok & visible) / max(visible.sum(), 1))
   return {
       "data": mcfg.data.to_dict(),
       "sampler": config.sampler.to_dict(),
@@ -307,27 +431,55 @@ def _rows(results: dict):
     yield label, e
 
 
+def _fmt(value, spread, digits: int) -> str:
+  if value is None:
+    return "-"
+  out = f"{value:.{digits}f}"
+  return out if spread is None else f"{out}±{spread:.{digits}f}"
+
+
 def table(results: dict) -> str:
+  """Every bucket and the whole horizon of every row; 'mean±std' over seeds with several."""
   clip = results["clip_frames"]
+  gap = any(e.get("gap", {}).get("gap_clips") for _, e in _rows(results))
   head = ("model", "frames", "PSNR", "SSIM", "retention", "label acc", "pos err px", "lost")
+  head += ("id after gap",) if gap else ()
   rows = [head]
+  formats = (("psnr", 2), ("ssim", 3), ("retention", 3), ("label_accuracy", 3),
+             ("position_error", 2), ("lost", 3))
   for label, e in _rows(results):
-    for bk in e["buckets"] + [{"frames": [0, results["num_frames"]], **e["overall"]}]:
+    spread = e.get("spread") or {}
+    spans = e["buckets"] + [{"frames": [0, results["num_frames"]], **e["overall"]}]
+    spreads = spread.get("buckets", [None] * len(e["buckets"])) + [spread.get("overall")]
+    for i, (bk, sp) in enumerate(zip(spans, spreads)):
       a, b = bk["frames"]
-      span = f"{a}-{b}" + (" (all)" if (a, b) == (0, results["num_frames"]) else "")
-      rows.append((label, span, f"{bk['psnr']:.2f}", f"{bk['ssim']:.3f}",
-                   f"{bk['retention']:.3f}", f"{bk['label_accuracy']:.3f}",
-                   f"{bk['position_error']:.2f}", f"{bk['lost']:.3f}"))
+      whole = (a, b) == (0, results["num_frames"])
+      row = (label, f"{a}-{b}" + (" (all)" if whole else ""))
+      row += tuple(_fmt(bk[key], None if sp is None else sp[key], d) for key, d in formats)
+      if gap:
+        g, gs = e.get("gap") or {}, spread.get("gap") or {}
+        row += (_fmt(g.get("identity_after_gap"), gs.get("identity_after_gap"), 3)
+                if i == len(spans) - 1 else "",)
+      rows.append(row)
   widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
   lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
                      enumerate(zip(r, widths))) for r in rows]
   lines.insert(1, "-" * len(lines[0]))
   c = results["classifier"]
+  seeds = results.get("seeds", [0])
   lines.append(f"{results['num_videos']} test clips, {results['context_frames']} context frames, "
                f"{results['num_frames']} generated frames (= {results['horizon_clips']:g}x the "
-               f"{clip}-frame training clips); digit classifier: {100 * c['test_accuracy']:.1f}% "
-               f"on the held-out digits, {100 * c['label_accuracy_on_true_frames']:.1f}% label "
-               "accuracy on the true frames")
+               f"{clip}-frame training clips), conditioned on the "
+               f"{results.get('condition', 'label')} label, {len(seeds)} seed(s)"
+               f"{' (mean±std)' if len(seeds) > 1 else ''}; digit classifier: "
+               f"{100 * c['test_accuracy']:.1f}% on the held-out digits, "
+               f"{100 * c['label_accuracy_on_true_frames']:.1f}% label accuracy on the true "
+               "frames")
+  if gap:
+    n = next(e["gap"]["gap_clips"] for _, e in _rows(results) if e.get("gap"))
+    lines.append(f"id after gap: the generated digit read as the clip's label in the "
+                 f"{results['settings'].get('gap_window', 8)} frames after it returns to the "
+                 f"canvas ({n} clips return within the generated frames)")
   return "\n".join(lines)
 
 

@@ -313,3 +313,41 @@ def test_rollout_teacher_is_the_unbounded_original_by_default():
   rcfg.bound_teacher = True
   bounded = stages.rollout_teacher_config(teacher_cfg, rcfg)
   assert bounded.kv_cache.window_chunks == rcfg.window_chunks
+
+
+def test_stage_label_dropout_gives_teacher_and_student_the_null_label():
+  """label_dropout=1 with a null label: the loss sees only null labels; without a null label
+  (or at rate 0) the batch is untouched."""
+  seen = []
+
+  def loss_fn(params, frozen, teacher, batch, rng):
+    del frozen, teacher, rng
+    jax.debug.callback(lambda x: seen.append(np.asarray(x)), batch["labels"])
+    return jnp.sum(params["w"]) * 0.0, {}
+
+  scfg = convert_config.stage_config(label_dropout=1.0)
+  tx = make_optimizer(scfg)
+  state = init_train_state({"w": jnp.ones(3)}, tx)
+  batch = {"video": jnp.zeros((2, 2, 4, 4, 1)), "labels": jnp.array([[3], [7]])}
+  for null, want in ((10, [[10], [10]]), (None, [[3], [7]])):
+    step = stages.make_stage_step(loss_fn, tx, scfg, null_label=null)
+    step(state, batch, jax.random.key(0), None, None)
+    jax.effects_barrier()
+    np.testing.assert_array_equal(seen[-1], want)
+  scfg.label_dropout = 0.0
+  stages.make_stage_step(loss_fn, tx, scfg, null_label=10)(state, batch, jax.random.key(0),
+                                                            None, None)
+  jax.effects_barrier()
+  np.testing.assert_array_equal(seen[-1], [[3], [7]])
+
+
+def test_student_takes_the_memory_read_of_the_convert_config():
+  teacher_cfg, _ = _teacher()
+  config = _config()
+  assert surgery.student_model_config(teacher_cfg, config.convert, lora=False).memory.read == "block"
+  config.convert.memory_read = "token"
+  student = surgery.student_model_config(teacher_cfg, config.convert, lora=True)
+  assert student.memory.read == "token" and student.lora.rank > 0
+  config.convert.memory_read = "tokens"
+  with pytest.raises(Exception, match="memory_read"):
+    surgery.student_model_config(teacher_cfg, config.convert, lora=False)

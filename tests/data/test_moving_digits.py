@@ -238,6 +238,22 @@ def test_exits_digits_leave_the_canvas_for_chunks_and_come_back():
       np.testing.assert_array_equal(video[t, y:y + s, x0:x1, 0], image[:, x0 - x:x1 - x])
 
 
-def test_the_long_horizon_evaluation_refuses_exits_digits_off_the_canvas():
-  with pytest.raises(DataError, match="exit_margin"):
-    digit_metrics.ground_truth(None, md.get_config("exits"), 1, 8)
+def test_ground_truth_of_exits_clips_says_when_each_digit_is_on_the_canvas():
+  cfg = md.get_config("exits")
+  source = [md.generate_example(cfg, "test", i) for i in range(4)]
+  gt = digit_metrics.ground_truth(source, cfg, 4, 60)  # longer than the 40-frame clips
+  s, c = cfg.digit_size, cfg.canvas_size
+  assert gt.video.shape[:2] == (4, 60) and gt.visible.shape == (4, 60, 1)
+  np.testing.assert_array_equal(gt.video[:, :cfg.num_frames], np.stack([e["video"]
+                                                                        for e in source]))
+  assert (gt.top_left[..., 1] < 0).any()  # true positions, off the canvas too
+  np.testing.assert_array_equal(gt.visible, md.fully_visible(gt.top_left, c, s))
+  np.testing.assert_array_equal(gt.gap_end, md.gap_ends(gt.top_left, c, s))
+  assert (gt.gap_end > 0).all()
+  for v in range(4):
+    y, x = gt.top_left[v, gt.gap_end[v, 0], 0]
+    np.testing.assert_array_equal(gt.video[v, gt.gap_end[v, 0], y:y + s, x:x + s, 0],
+                                  np.round(gt.templates[v, 0] * 255))
+  plain = digit_metrics.ground_truth([md.generate_example(md.get_config("default"), "test", 0)],
+                                     md.get_config("default"), 1, 8)
+  assert plain.visible is None and plain.gap_end is None

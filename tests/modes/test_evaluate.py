@@ -165,6 +165,7 @@ def test_eval_mode_end_to_end(checkpoint, tmp_path):
        f"--workdir={out}", f"--config.data.dir={cfg.data.dir}", "--config.progress=false",
        "--config.eval.num_videos=3", "--config.eval.batch_size=2",
        "--config.eval.context_frames=2", "--config.eval.num_frames=10",
+       "--config.eval.num_seeds=2", "--config.eval.condition=null",
        f"--config.eval.workdirs=arl2={workdir},noisy={workdir}+memory.write_during_denoising=true"],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -184,3 +185,91 @@ def test_eval_mode_end_to_end(checkpoint, tmp_path):
     with Image.open(png) as im:
       im.verify()
   assert "last_frame (baseline)" in r.stdout and "noisy" in r.stdout
+  assert res["condition"] == "null" and len(res["seeds"]) == 2
+  for e in res["entries"].values():
+    assert [p["seed"] for p in e["per_seed"]] == res["seeds"]
+    assert e["spread"]["overall"]["psnr"] >= 0
+    assert e["overall"]["psnr"] == pytest.approx(
+        np.mean([p["overall"]["psnr"] for p in e["per_seed"]]))
+  assert "±" in r.stdout
+
+
+def _exits_ground_truth(num_videos=3, frames=40):
+  cfg = moving_digits.get_config("exits")
+  source = [moving_digits.generate_example(cfg, "test", i) for i in range(num_videos)]
+  return digit_metrics.ground_truth(source, cfg, num_videos, frames)
+
+
+def test_digit_metrics_count_only_frames_where_the_digit_is_on_the_canvas():
+  gt = _exits_ground_truth()
+  clf = digit_metrics.digit_classifier(gt.digit_size)
+  buckets = evaluate.bucket_edges(40, 40, (1,))
+  m = evaluate.frame_metrics(gt.frames01, gt.frames01, gt.top_left, gt.templates, clf, radius=12,
+                             ink_threshold=0.25, psnr_cap=100.0, visible=gt.visible)
+  assert not gt.visible.all() and gt.visible.any()
+  s = evaluate.summarize(m, gt.labels, buckets)
+  assert s["overall"]["retention"] == 1.0 and s["overall"]["position_error"] == 0.0
+  assert s["overall"]["label_accuracy"] == 1.0 and s["overall"]["lost"] == 0.0
+  hidden = np.flatnonzero(~gt.visible.any(axis=(0, 2)))  # frames with no clip's digit on canvas
+  for j in hidden:
+    assert s["per_frame"]["retention"][j] is None
+  # Without the mask the off-canvas frames count (as lost digits): the mask is what makes
+  # the truth score perfectly.
+  unmasked = evaluate.summarize({**m, "visible": np.ones_like(gt.visible)}, gt.labels, buckets)
+  assert unmasked["overall"]["lost"] > 0 and unmasked["overall"]["retention"] < 1
+
+
+def test_identity_after_the_gap_on_known_answers():
+  gt = _exits_ground_truth(num_videos=4)
+  clf = digit_metrics.digit_classifier(gt.digit_size)
+  k = 2
+  truth = gt.frames01[:, k:]
+  g = evaluate.gap_identity(truth, gt, k, clf, window=8, ink_threshold=0.25)
+  assert g["gap_clips"] == 4 and g["identity_after_gap"] == 1.0
+  blank = evaluate.gap_identity(np.zeros_like(truth), gt, k, clf, window=8, ink_threshold=0.25)
+  assert blank["identity_after_gap"] == 0.0
+  # A video whose digit comes back as another clip's digit fails where the labels differ.
+  swapped = truth[[1, 2, 3, 0]]
+  sw = evaluate.gap_identity(swapped, gt, k, clf, window=8, ink_threshold=0.25)
+  differ = gt.labels[:, 0] != gt.labels[[1, 2, 3, 0], 0]
+  assert differ.any()
+  assert sw["identity_after_gap"] <= 1.0 - differ.mean() + 0.25
+  # A clip whose digit returns after the generated frames end does not count.
+  short = evaluate.gap_identity(truth[:, :1], gt, k, clf, window=8, ink_threshold=0.25)
+  assert short["gap_clips"] < 4
+
+
+def test_mean_over_seeds_and_its_spread():
+  a = {"per_frame": {"psnr": [1.0, 3.0]}, "buckets": [{"frames": [0, 2], "psnr": 2.0}],
+       "overall": {"psnr": 2.0, "lost": None}, "gap": {"identity_after_gap": 0.5,
+                                                       "gap_clips": 3}}
+  b = {"per_frame": {"psnr": [3.0, 5.0]}, "buckets": [{"frames": [0, 2], "psnr": 4.0}],
+       "overall": {"psnr": 4.0, "lost": None}, "gap": {"identity_after_gap": 1.0,
+                                                       "gap_clips": 3}}
+  m = evaluate.mean_over_seeds([a, b])
+  assert m["per_frame"]["psnr"] == [2.0, 4.0]
+  assert m["buckets"] == [{"frames": [0, 2], "psnr": 3.0}]
+  assert m["overall"] == {"psnr": 3.0, "lost": None}
+  assert m["spread"]["overall"]["psnr"] == pytest.approx(np.sqrt(2.0))
+  assert m["spread"]["buckets"][0]["frames"] == [0, 2]
+  assert m["spread"]["gap"]["identity_after_gap"] == pytest.approx(np.std([0.5, 1.0], ddof=1))
+  assert evaluate.mean_over_seeds([a])["spread"] is None
+  assert evaluate.eval_seeds(get_config().eval) == [0]
+
+
+def test_null_condition_needs_a_null_label(checkpoint):
+  workdir, cfg, _ = checkpoint
+  model, mcfg, _ = load_model(get_config("smoke"), workdir)
+  gt = _ground_truth(num_videos=2, frames=4)
+  np.testing.assert_array_equal(evaluate.eval_labels("label", model, mcfg, gt, "m"), gt.labels)
+  cfg_plain = get_config("smoke")
+  cfg_plain.model.null_label = False
+  with pytest.raises(UserError, match="null label"):
+    evaluate.eval_labels("null", CausalDiT(cfg_plain.model, rngs=nnx.Rngs(0)), cfg_plain, gt, "m")
+  cfg_null = get_config("smoke")
+  cfg_null.model.null_label = True
+  model_null = CausalDiT(cfg_null.model, rngs=nnx.Rngs(0))
+  labels = evaluate.eval_labels("null", model_null, cfg_null, gt, "m")
+  assert (labels == cfg_null.model.num_classes).all() and labels.shape == gt.labels.shape
+  with pytest.raises(UserError, match="condition"):
+    evaluate.eval_labels("none", model_null, cfg_null, gt, "m")
