@@ -72,6 +72,8 @@ PARAM_RULES: tuple[tuple[str, tuple], ...] = (
     (r"(time_embed|cond_embed)/fc2/bias$", (None,)),
     (r"time_embed/proj/kernel$", (_E, None)),
     (r"time_embed/proj/bias$", (None,)),
+    (r"label_to_time/kernel$", (_E, None)),
+    (r"label_to_time/bias$", (None,)),
     (r"cond_embed/(table/embedding|null)$", None),
     (r"^head/kernel$", (_E, None)),
     (r"^head/bias$", (None,)),

@@ -136,7 +136,8 @@ class Study:
         f"--config.convert.stage1.num_steps={a.stage1_steps}",
         f"--config.convert.stage2.num_steps={a.stage2_steps}",
         "--config.convert.stage1.max_minutes=0", "--config.convert.stage2.max_minutes=0",
-        "--config.convert.sample_frames=0", *batch, *STUDENTS[name], *self.extra],
+        "--config.convert.sample_frames=0", "--config.convert.eval.num_clips=0",  # eval: below
+        *batch, *STUDENTS[name], *self.extra],
         timed_dir=workdir)
 
   def eval_plan(self, data) -> tuple[list[str], list[str]]:
@@ -169,6 +170,8 @@ class Study:
              f"--config.eval.condition={'label' if data == 'slow' else 'null'}",
              "--config.eval.bucket_clips=(1, 4, 10)" if data == "slow"
              else "--config.eval.bucket_clips=(1,)"]
+    if data == "exits":  # guided by the null label = unguided; one model pass instead of two
+      flags.append("--config.sampler.guidance=1.0")
     return entries, flags
 
   def evaluate(self, data):
@@ -273,7 +276,7 @@ def main(argv=None):
   p.add_argument("--data", default=",".join(DATA), help=f"comma-separated, of {DATA}")
   p.add_argument("--only", default=",".join(PIECES), help=f"comma-separated, of {PIECES}")
   p.add_argument("--teacher_steps", type=int, default=3000, help="plain-data teacher steps")
-  p.add_argument("--exits_teacher_steps", type=int, default=1500)
+  p.add_argument("--exits_teacher_steps", type=int, default=600)
   p.add_argument("--exits_batch", type=int, default=4, help="clips per step on exits (40 frames)")
   p.add_argument("--stage1_steps", type=int, default=200)
   p.add_argument("--stage2_steps", type=int, default=200)

@@ -270,3 +270,32 @@ def test_x0_prediction_returns_the_velocity_of_its_x0_estimate():
 
 def _model_json(model_cfg) -> dict:
   return {"model": json.loads(model_cfg.to_json_best_effort())}
+
+
+def test_label_adaln_conditions_every_block_and_streams_as_it_trains():
+  """model.label_adaln: the label's embedding joins the timestep embedding (zero-initialised);
+  once trained (perturbed), the same noisy input gives a different prediction for another label
+  in every chunk, streaming equals teacher forcing, and old checkpoints mean False."""
+  cfg = tiny_model_config(0.75)
+  cfg.label_adaln = True
+  model = CausalDiT(cfg, rngs=nnx.Rngs(3))
+  np.testing.assert_array_equal(np.asarray(model.label_to_time.kernel[...]), 0.0)
+  model = perturbed(model, seed=4)
+  clean, noisy, t, labels = _inputs(seed=3)
+  tf = jit_call(model, "teacher_forcing", clean, noisy, t, labels)
+  stream, _ = _stream_outputs(model, clean, noisy, t, labels)
+  assert rel_err(stream, tf) <= TOL
+  # Without it (the same other parameters) the output differs in every chunk.
+  plain = nnx.clone(model)
+  plain.label_to_time.kernel[...] = jnp.zeros_like(plain.label_to_time.kernel[...])
+  plain.label_to_time.bias[...] = jnp.zeros_like(plain.label_to_time.bias[...])
+  tf_plain = jit_call(plain, "teacher_forcing", clean, noisy, t, labels)
+  for n in range(CHUNKS):
+    sl = slice(n * F, (n + 1) * F)
+    assert rel_err(tf[:, sl], tf_plain[:, sl]) > 1e-4, f"chunk {n}"
+  saved = _model_json(tiny_model_config(0.75))
+  saved["model"].pop("label_adaln", None)
+  assert config_differences(saved, _model_json(tiny_model_config(0.75))) == []
+  assert config_differences(saved, _model_json(cfg)) == ["model.label_adaln: False -> True"]
+  cfg.cond = "none"  # only label models get it
+  assert CausalDiT(cfg, rngs=nnx.Rngs(0)).label_to_time is None

@@ -83,13 +83,17 @@ class TimeEmbed(nnx.Module):
     self.fc2 = nnx.Linear(dim, dim, rngs=rngs)
     self.proj = nnx.Linear(dim, 6 * dim, rngs=rngs)
 
-  def __call__(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, t: jax.Array, extra: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
     """t [B, T] in [0, 1] -> (e [B, T, dim], e0 [B, T, 6, dim]), both fp32.
 
     The sinusoid sees 1000 t: Wan's timestep on its 0..1000 scale (flow sigma * 1000).
+    extra [B, dim]: added to e before the modulation projection (model.label_adaln).
     """
     s = sinusoidal_embedding(t * TIME_SCALE, self.freq_dim)
     e = self.fc2(jax.nn.silu(self.fc1(s)))
+    if extra is not None:
+      e = e + extra[:, None, :].astype(e.dtype)
     e0 = self.proj(jax.nn.silu(e))
     return e, e0.reshape(*e0.shape[:-1], 6, self.dim)
 

@@ -96,6 +96,13 @@ class CausalDiT(nnx.Module):
     self.null_label_index = int(cfg.num_classes) if null_label else None
     self.cond_embed = ConditionEmbed(cfg.cond, cfg.num_classes, cfg.text_dim, cfg.dim, rngs=rngs,
                                      null_label=null_label)
+    # model.label_adaln (labels only): the label token also joins the timestep embedding, so it
+    # modulates every block's norms (adaLN, as in class-conditional DiT) besides the
+    # cross-attention. Zero-initialised: at init the model equals one without it.
+    self.label_to_time = nnx.data(None)
+    if bool(cfg.get("label_adaln", False)) and cfg.cond == "labels":
+      self.label_to_time = nnx.data(nnx.Linear(
+          cfg.dim, cfg.dim, kernel_init=nnx.initializers.zeros_init(), rngs=rngs))
     self.blocks = nnx.List([self._block(cfg, i, rngs) for i in range(cfg.num_layers)])
     self.head_norm = nnx.LayerNorm(cfg.dim, epsilon=cfg.eps, use_bias=False, use_scale=False,
                                    rngs=rngs)
@@ -147,6 +154,12 @@ class CausalDiT(nnx.Module):
     """Conditioning tokens [B, M, dim] (computed once per video by the sampler)."""
     return self.cond_embed(cond, batch)
 
+  def _label_time(self, context) -> jax.Array | None:
+    """The conditioning's term of the timestep embedding [B, dim] (model.label_adaln), or None."""
+    if self.label_to_time is None:
+      return None
+    return self.label_to_time(jnp.mean(context.astype(jnp.float32), axis=1))
+
   def null_condition(self, batch: int) -> jax.Array:
     """Conditioning tokens [B, 1, dim] of the null label (classifier-free guidance)."""
     if self.null_label_index is None:
@@ -193,9 +206,10 @@ class CausalDiT(nnx.Module):
     xn, _ = self._tokens(noisy)
     fp = self.frames_per_chunk // self.patch_size[0]
     t_frames = self._frame_times(t, b, num_chunks, fp)  # [B, Tp]
-    _, e0c = self.time_embed(jnp.zeros_like(t_frames))
-    en, e0n = self.time_embed(t_frames)
     context = self.embed_condition(cond, b)
+    label = self._label_time(context)
+    _, e0c = self.time_embed(jnp.zeros_like(t_frames), label)
+    en, e0n = self.time_embed(t_frames, label)
     angles = rope_angles(0, grid[0], grid[1], grid[2], self.head_dim, self.rope_theta)
 
     def run_block(block, xc, xn):
@@ -269,7 +283,7 @@ class CausalDiT(nnx.Module):
     angles = rope_angles(chunk * fp, fp, hp, wp, self.head_dim, self.rope_theta)
     t = jnp.asarray(t, jnp.float32)
     t_frames = self._frame_times(t[:, None] if t.ndim == 1 else t, b, 1, fp)  # [B, Fp]
-    e, e0 = self.time_embed(t_frames)
+    e, e0 = self.time_embed(t_frames, self._label_time(context))
     slot = self._write_slot(chunk)
     valid = jnp.repeat(carry["slot_chunk"] >= 0, chunk_len)
     cache_ctx = (valid, slot, chunk_len)
