@@ -58,6 +58,7 @@ STUDENTS = {  # name -> extra --config.* flags of --mode=convert
                            "--config.convert.memory_read=token"],
 }
 PIECES = ("teacher", *STUDENTS, "eval")
+CONDITION_WORDS = {"label": "each clip's label", "null": "the null label"}
 # Teacher targets of the issue (plain data, frames 1-8 and 33-80 of the 10x continuation).
 TARGETS = {"retention_1x": 0.8, "retention_10x": 0.6, "position_error_1x": 2.0}
 
@@ -214,6 +215,11 @@ def _cell(e, key, bucket=None, digits=3):
 
 
 def trained_seconds(workdir) -> float | None:
+  """A student's stage 1 + stage 2 training seconds (its summary.json); else the wall time of
+  the model's main.py calls over all sittings (study_seconds.json)."""
+  summary = _read_json(os.path.join(workdir, "summary.json"))
+  if summary and "stage1" in summary and "stage2" in summary:
+    return summary["stage1"]["seconds"] + summary["stage2"]["seconds"]
   s = _read_json(os.path.join(workdir, "study_seconds.json"))
   return None if s is None else s["seconds"]
 
@@ -238,7 +244,8 @@ def summarize(root) -> dict:
       cols.append(("identity_after_gap", None, 3, "identity after gap"))
     head += [c[3] for c in cols]
     lines += [f"## {data}: {res['num_videos']} test clips, {res['context_frames']} context "
-              f"frames, {res['num_frames']} generated, {res['condition']} label, "
+              f"frames, {res['num_frames']} generated, conditioned on "
+              f"{CONDITION_WORDS[res['condition']]}, "
               f"{len(res['seeds'])} seed(s) (mean ± std)", "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = [(f"{k} (baseline)", e, None) for k, e in res["baselines"].items()]

@@ -41,24 +41,28 @@ def test_dry_run_prints_every_piece(capsys, tmp_path):
 def test_summary_tables_from_eval_json(tmp_path):
   bucket = lambda a, b, r: {"frames": [a, b], "psnr": 15.0, "ssim": 0.5, "retention": r,
                              "label_accuracy": r, "position_error": 1.5, "lost": 0.0}
-  entry = lambda r, overrides=None: {
-      "workdir": str(tmp_path / "slow" / "teacher"), "overrides": overrides or {},
+  entry = lambda r, overrides=None, name="teacher": {
+      "workdir": str(tmp_path / "slow" / name), "overrides": overrides or {},
       "buckets": [bucket(0, 8, r), bucket(8, 32, r), bucket(32, 80, r / 2)],
       "spread": {"buckets": [bucket(0, 8, 0.1)] * 3}, "gap": {"identity_after_gap": None}}
   res = {"num_videos": 16, "context_frames": 4, "num_frames": 80, "condition": "label",
          "seeds": [0, 1], "buckets": [[0, 8], [8, 32], [32, 80]],
          "baselines": {"blank": entry(0.0)},
-         "entries": {"teacher": entry(0.9), "sink_window": entry(0.7, {"kv_cache.window_chunks": 9})}}
+         "entries": {"teacher": entry(0.9), "sink_window": entry(0.7, {"kv_cache.window_chunks": 9}),
+                     "arl2_75": entry(0.8, name="arl2_75")}}
   os.makedirs(tmp_path / "slow" / "eval")
   with open(tmp_path / "slow" / "eval" / "eval.json", "w") as f:
     json.dump(res, f)
   os.makedirs(tmp_path / "slow" / "teacher")
   with open(tmp_path / "slow" / "teacher" / "study_seconds.json", "w") as f:
     json.dump({"seconds": 600.0, "sittings": 2}, f)
+  os.makedirs(tmp_path / "slow" / "arl2_75")
+  with open(tmp_path / "slow" / "arl2_75" / "summary.json", "w") as f:  # stage seconds count
+    json.dump({"stage1": {"seconds": 60.0}, "stage2": {"seconds": 120.0}}, f)
   out = study.summarize(str(tmp_path))
   md = out["markdown"]
   assert "| teacher | 10 min | 15.00 ± 15.00 |" in md
-  assert "(sampling switch)" in md and "0.900 ± 0.100" in md
+  assert "(sampling switch)" in md and "0.900 ± 0.100" in md and "| arl2_75 | 3 min |" in md
   # Teacher targets: retention 0.9 at 1x (met), 0.45 at 10x (not met), error 1.5 px (met).
   assert out["teacher_targets"]["met"] == {"retention_1x": True, "retention_10x": False,
                                            "position_error_1x": True}

@@ -274,6 +274,7 @@ def continue_ground_truth(runner: ChunkRunner, gt: GroundTruth, *, context_frame
 
 
 CONDITIONS = ("label", "null")
+CONDITION_WORDS = {"label": "each clip's label", "null": "the null label"}
 SEED_STRIDE = 1_000_003  # seed i of eval.num_seeds is eval.seed + i * SEED_STRIDE; clips within a
 #                          run use key(seed + clip batch start), so seeds never share noise
 
@@ -469,8 +470,8 @@ def table(results: dict) -> str:
   seeds = results.get("seeds", [0])
   lines.append(f"{results['num_videos']} test clips, {results['context_frames']} context frames, "
                f"{results['num_frames']} generated frames (= {results['horizon_clips']:g}x the "
-               f"{clip}-frame training clips), conditioned on the "
-               f"{results.get('condition', 'label')} label, {len(seeds)} seed(s)"
+               f"{clip}-frame training clips), conditioned on "
+               f"{CONDITION_WORDS[results.get('condition', 'label')]}, {len(seeds)} seed(s)"
                f"{' (mean±std)' if len(seeds) > 1 else ''}; digit classifier: "
                f"{100 * c['test_accuracy']:.1f}% on the held-out digits, "
                f"{100 * c['label_accuracy_on_true_frames']:.1f}% label accuracy on the true "
