@@ -264,8 +264,9 @@ def serve_config() -> ml_collections.ConfigDict:
   #                              one is told the queue is full
   v.max_frames = 128           # longest video one request may ask for, frames (each cache
   #                              capacity up to it is compiled at start-up)
-  v.max_seconds = 300.0        # wall-clock bound on one generation, seconds (it stops there
-  #                              and frees the accelerator for the queue); 0 = none
+  v.max_seconds = 300.0        # wall-clock bound on one generation, seconds (it stops at the
+  #                              next chunk boundary after the first chunk and frees the
+  #                              accelerator for the queue); 0 = none
   v.max_prompt_chars = 512     # longest prompt accepted (text-conditioned models)
   v.fps = 8.0                  # the video's frame rate: turns a length in seconds into frames,
   #                              and the saved mp4's rate (the page shows frames as they come)

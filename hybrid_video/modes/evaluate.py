@@ -242,6 +242,8 @@ def mean_over_seeds(summaries: list[dict]) -> dict:
     return fn(np.asarray(values, np.float64))
 
   out = combine(summaries, lambda x: float(np.mean(x)))
+  if "gap" in out:  # the clips that return are the ground truth's, the same for every seed
+    out["gap"]["gap_clips"] = summaries[0]["gap"]["gap_clips"]
   if len(summaries) > 1:
     std = lambda x: float(np.std(x, ddof=1))
     out["spread"] = {"buckets": combine([s["buckets"] for s in summaries], std),
@@ -452,6 +454,8 @@ def table(results: dict) -> str:
     spread = e.get("spread") or {}
     spans = e["buckets"] + [{"frames": [0, results["num_frames"]], **e["overall"]}]
     spreads = spread.get("buckets", [None] * len(e["buckets"])) + [spread.get("overall")]
+    if len(e["buckets"]) == 1:  # one bucket = the whole horizon: one row
+      spans, spreads = spans[1:], spreads[1:]
     for i, (bk, sp) in enumerate(zip(spans, spreads)):
       a, b = bk["frames"]
       whole = (a, b) == (0, results["num_frames"])
@@ -521,7 +525,10 @@ def plot_samples(gt: GroundTruth, generated: dict[str, np.ndarray], k: int, out_
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   m = next(iter(generated.values())).shape[0] if generated else gt.video.shape[1] - k
   clip = gt.clip_frames
-  cols = sorted({0, clip - 1, 2 * clip - 1, 4 * clip - 1, m // 2, m - 1} & set(range(m)))
+  cols = {0, clip - 1, 2 * clip - 1, 4 * clip - 1, m // 2, m - 1} & set(range(m))
+  if len(cols) < 6:  # a horizon of about one clip: evenly spaced frames instead
+    cols |= {int(round(x)) for x in np.linspace(0, m - 1, 8)}
+  cols = sorted(cols)
   rows = [("truth", gt.frames01[0, k:])] + list(generated.items())
   fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.4 * len(cols) + 1, 1.5 * len(rows)),
                            squeeze=False)

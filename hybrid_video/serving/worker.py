@@ -273,7 +273,9 @@ class GenerationWorker:
       if job.stop_reason is not None:
         reason = job.stop_reason
         break
-      if self.max_seconds and time.perf_counter() - start > self.max_seconds:
+      # The limit applies between chunks: the first chunk is always made, however long the
+      # set-up before it took (on a loaded machine it alone can exceed a short limit).
+      if self.max_seconds and n and time.perf_counter() - start > self.max_seconds:
         reason = "time limit"
         break
       value = job.take_condition()

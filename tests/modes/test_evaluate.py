@@ -253,6 +253,7 @@ def test_mean_over_seeds_and_its_spread():
   assert m["spread"]["overall"]["psnr"] == pytest.approx(np.sqrt(2.0))
   assert m["spread"]["buckets"][0]["frames"] == [0, 2]
   assert m["spread"]["gap"]["identity_after_gap"] == pytest.approx(np.std([0.5, 1.0], ddof=1))
+  assert m["gap"]["gap_clips"] == 3 and isinstance(m["gap"]["gap_clips"], int)
   assert evaluate.mean_over_seeds([a])["spread"] is None
   assert evaluate.eval_seeds(get_config().eval) == [0]
 

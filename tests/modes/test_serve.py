@@ -460,3 +460,14 @@ def test_main_dispatches_serve_with_one_line_errors(tmp_path):
                      text=True, timeout=120)
   assert r.returncode == 1 and r.stderr.strip().splitlines() == [
       "error: serve.image_format='gif' must be 'jpeg' or 'png'"], r.stderr
+
+
+def test_the_time_limit_never_ends_a_run_before_its_first_chunk(make_app, runner):
+  """A set-up slower than the limit (a loaded machine) still makes the first chunk."""
+  app, worker = make_app(max_seconds=1e-6)
+  with TestClient(app) as client:
+    with connect(client) as ws:
+      ws.send_json({"type": "start", "label": 1, "seed": 0, "frames": 400})
+      events, frames = until(ws, "done")
+      assert events[-1]["reason"] == "time limit" and events[-1]["chunks"] == 1, events[-1]
+      assert any(e["type"] == "chunk" for e in events)
