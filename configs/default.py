@@ -48,12 +48,12 @@ def model_config() -> ml_collections.ConfigDict:
   m.null_label = True          # cond="labels" only: one more label token meaning "no label",
   #                              for classifier-free guidance (train.label_dropout,
   #                              sampler.guidance)
-  m.label_adaln = True         # cond="labels" only: the label token also joins the timestep
-  #                              embedding, modulating every block (adaLN, as in DiT), not only
-  #                              through cross-attention. Main job's checkpoint (1,634 steps,
-  #                              guidance 8), label recognised over seeds 0-5 (labels 8, 4, 8,
-  #                              8, 7, 6): 100/100/69/88/14/12% (mean 64%) against
-  #                              75/6/73/86/25/33% (50%) without it
+  m.label_adaln = False        # cond="labels" only: the label token also joins the timestep
+  #                              embedding, modulating every block (adaLN, as in DiT). Off:
+  #                              not better here. Label recognised over seeds 0-5 (labels 8, 4,
+  #                              8, 8, 7, 6), guidance 8: with it 64% (1,634 steps) and 35%
+  #                              (2,000 steps, the main job), without it 50% and 43%; one digit
+  #                              on screen 82% with it (2,000 steps) against 95% without
   m.text_dim = 64              # width of the conditioning tokens (Wan umT5: 4096)
   m.dtype = "float32"          # compute dtype of linear layers ("float32" or "bfloat16")
   m.hybrid = ml_collections.ConfigDict()
@@ -136,9 +136,9 @@ def sampler_config() -> ml_collections.ConfigDict:
   s.guidance = 8.0             # classifier-free guidance scale w: v_null + w (v - v_null) per
   #                              pass (1 = off; label models need model.null_label;
   #                              unconditional models sample unguided). 8: the main job's
-  #                              label recognised in 64% of frames over seeds 0-5 against
-  #                              49% at w = 4 (label_adaln model; without adaLN: 50% at 8,
-  #                              53% at 12)
+  #                              label recognised in 50% of frames over seeds 0-5 against 53%
+  #                              at 12 and 43% at 16 (one checkpoint; 64% vs 49% at 4 on a
+  #                              label_adaln one)
   s.clip_x0 = True             # clip each denoised chunk to [-1, 1] (pixel-space models)
   s.num_frames = 64            # frames to stream in --mode=sample and by the main job (was
   #                              the --num_frames flag)

@@ -156,3 +156,16 @@ def test_compile_mode_prints_memory_analysis(tmp_path, capsys):
   assert results["train"]["temp_size_in_bytes"] > 0
   assert results["sample"]["argument_size_in_bytes"] > 0
   assert os.path.exists(tmp_path / "compile_analysis.json")
+
+
+def test_label_adaln_parameters_have_sharding_rules():
+  cfg = tiny_model_config(0.5)
+  cfg.label_adaln = True
+  model = nnx.eval_shape(lambda: CausalDiT(cfg, rngs=nnx.Rngs(0)))
+  mesh = sharding_lib.make_mesh(mesh_cfg(data=2, fsdp=2, tensor=2))
+  specs = sharding_lib.describe_specs(sharding_lib.param_specs(
+      nnx.state(model, nnx.Param), dict(sharding_lib.DEFAULT_RULES), mesh))
+  got = {k: v for k, v in specs.items() if "label_to_time" in k}
+  assert len(got) == 2, specs.keys()
+  kernel = next(v for k, v in got.items() if k.endswith("kernel"))
+  assert "fsdp" in str(kernel), got  # sharded over the embedding like time_embed/proj
