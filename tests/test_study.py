@@ -48,7 +48,8 @@ def test_summary_tables_from_eval_json(tmp_path):
   res = {"num_videos": 16, "context_frames": 4, "num_frames": 80, "condition": "label",
          "seeds": [0, 1], "buckets": [[0, 8], [8, 32], [32, 80]],
          "baselines": {"blank": entry(0.0)},
-         "entries": {"teacher": entry(0.9), "sink_window": entry(0.7, {"kv_cache.window_chunks": 9}),
+         "entries": {"teacher": entry(0.9),
+                     "sink_window": entry(0.7, {"kv_cache.window_chunks": 9}),
                      "arl2_75": entry(0.8, name="arl2_75")}}
   os.makedirs(tmp_path / "slow" / "eval")
   with open(tmp_path / "slow" / "eval" / "eval.json", "w") as f:
