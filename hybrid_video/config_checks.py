@@ -16,6 +16,7 @@ from hybrid_video.errors import UserError
 _MISSING = object()
 
 IMPLEMENTATIONS = (None, "xla", "reference", "pallas")
+MEMORY_READS = ("block", "token")  # model.memory.read: ARL2's per-chunk read; the ablation's
 
 
 def _positive(v) -> bool:
@@ -44,7 +45,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.dtype": _one_of("float32", "bfloat16"),
     "model.cond": _one_of("labels", "none", "embeddings"),
     "model.prediction": _one_of("velocity", "x0"),
-    "model.memory.read": _one_of("block", "token"),
+    "model.memory.read": _one_of(*MEMORY_READS),
+    "convert.memory_read": _one_of(*MEMORY_READS),
     "model.attention_impl": _one_of(*IMPLEMENTATIONS),
     "model.memory_impl": _one_of(*IMPLEMENTATIONS),
     "model.dim": POSITIVE,

@@ -48,7 +48,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import ml_collections  # pylint: disable=wrong-import-position
+
 from configs import default as default_config  # pylint: disable=wrong-import-position
+from data import moving_digits  # pylint: disable=wrong-import-position
+from hybrid_video import checkpoint as ckpt_lib  # pylint: disable=wrong-import-position
+from hybrid_video.nn.model import resolve_hybrid_layers  # pylint: disable=wrong-import-position
 
 DATA = ("slow", "exits")
 STUDENTS = {  # name -> extra --config.* flags of --mode=convert
@@ -141,17 +146,32 @@ class Study:
         *batch, *STUDENTS[name], *self.extra],
         timed_dir=workdir)
 
+  def teacher_model(self, data):
+    """The teacher's model config as its checkpoint saved it (so extra --config.model.* flags
+    count), or configs/default.py's for a dry run before the teacher exists."""
+    workdir = self.path(data, "teacher")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+      return default_config.model_config()
+    ck = ckpt_lib.Checkpointer(workdir)
+    try:
+      return ml_collections.ConfigDict(ck.saved_config(ck.latest_step())["model"])
+    finally:
+      ck.close()
+
   def eval_plan(self, data) -> tuple[list[str], list[str]]:
     """(--config.eval.workdirs entries, eval flags) of one data config."""
-    m = default_config.model_config()
-    clip = 8 if data == "slow" else 40
+    m = self.teacher_model(data)
+    dcfg = moving_digits.get_config(data)
+    clip = int(dcfg.num_frames)
     context = self.args.context_frames
     generated = 10 * clip if data == "slow" else self.args.exits_frames
+    pt, ph, pw = m.patch_size
     f = m.frames_per_chunk
     chunks = -(-(context + generated) // f)
-    tokens = f * (32 // m.patch_size[1]) * (32 // m.patch_size[2])
+    tokens = f // pt * (dcfg.canvas_size // ph) * (dcfg.canvas_size // pw)
     teacher = self.path(data, "teacher")
-    sizes = dict(num_layers=m.num_layers, softmax_layers=m.num_layers - round(0.75 * m.num_layers),
+    hybrid = resolve_hybrid_layers(m.num_layers, None, 0.75)  # ARL2-75%, as converted
+    sizes = dict(num_layers=m.num_layers, softmax_layers=m.num_layers - len(hybrid),
                  chunks=chunks, tokens_per_chunk=tokens, dim=m.dim,
                  head_dim=m.dim // m.num_heads)
     w1 = window_for_equal_carry(sink_chunks=1, **sizes)

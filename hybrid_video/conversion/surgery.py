@@ -14,13 +14,13 @@ import math
 import ml_collections
 from flax import nnx, traverse_util
 
+from hybrid_video.config_checks import MEMORY_READS
 from hybrid_video.errors import UserError
 from hybrid_video.nn.lora import LoRAParam, lora_settings, merge_into
 from hybrid_video.nn.model import CausalDiT, abstract_model, resolve_hybrid_layers
 
 # The parameters a hybrid layer adds to the softmax layer it replaces (method doc §3).
 NEW_PARAMS = ("phi_q", "phi_k", "phi_v", "w_a", "w_b", "w_gate", "a_log", "dt_bias")
-MEMORY_READS = ("block", "token")  # model.memory.read: ARL2's per-chunk read, the ablation's
 BACKEND_FIELDS = ("attention_impl", "memory_impl", "kernel_interpret", "gdn_chunk_size")
 STAGE2_MODES = ("teacher_forcing", "rollout")
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybrid_video.nn.attention import QKVProjection
+from hybrid_video.config_checks import MEMORY_READS
 from hybrid_video.errors import UserError
 from hybrid_video import kernel_calls
 from hybrid_video.nn.embeddings import apply_rope
@@ -61,8 +62,8 @@ class HybridAttention(QKVProjection):
                memory_lora_alpha: float = 32.0, memory_lora_init: str = "peft",
                interpret: bool = False):
     super().__init__(dim, num_heads, eps, rngs=rngs, dtype=dtype)
-    if read not in ("block", "token"):
-      raise UserError(f"model.memory.read={read!r} must be 'block' or 'token'")
+    if read not in MEMORY_READS:
+      raise UserError(f"model.memory.read={read!r} must be one of {MEMORY_READS}")
     h, d = self.num_heads, self.head_dim
     self.read_mode = read
     self.write_during_denoising = bool(write_during_denoising)
