@@ -6,6 +6,8 @@ Used by the drivers that report figures without (or besides) running: --mode=com
 
 from __future__ import annotations
 
+import os
+
 from hybrid_video import sharding as sharding_lib
 from hybrid_video.flop_count import matmul_flops
 
@@ -47,6 +49,27 @@ def memory_analysis_dict(stats) -> dict[str, int]:
   out = {f.replace("_size_in_bytes", ""): int(getattr(stats, f, 0) or 0) for f in fields}
   out["footprint"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
   return out
+
+
+# XLA:CPU's pass that turns the optimization barriers of jax.checkpoint into plain values
+# early, after which CSE merges the recomputation back into the forward pass: a compiled
+# training step on CPU then keeps every layer's activations whatever model.remat says. GPU and
+# TPU keep the barriers until scheduling. Skipped, CPU honours remat as they do
+# (scripts/remat_on_cpu.py: a 4-layer MLP's gradient, 752 MiB of temporaries without remat,
+# 752 MiB with remat and the pass, 336 MiB with remat without it).
+CPU_REMAT_PASS = "cse_barrier_expander"
+
+
+def compiler_options(platform: str) -> dict[str, str] | None:
+  """Per-executable XLA options for figures that honour remat: on CPU, skip CPU_REMAT_PASS
+  (besides any passes XLA_FLAGS already disables); None elsewhere."""
+  if platform != "cpu":
+    return None
+  disabled = [CPU_REMAT_PASS]
+  for flag in os.environ.get("XLA_FLAGS", "").split():
+    if flag.startswith("--xla_disable_hlo_passes="):
+      disabled += [p for p in flag.split("=", 1)[1].split(",") if p and p != CPU_REMAT_PASS]
+  return {"xla_disable_hlo_passes": ",".join(disabled)}
 
 
 def analyse(compiled) -> dict:

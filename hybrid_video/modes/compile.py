@@ -19,7 +19,9 @@ teacher (all softmax) and `convert.hybrid` as the student's hybrid layers. The f
 an input, never differentiated, stored in `convert.teacher_dtype`.
 
 Works with fake CPU devices (CPU XLA's buffer assignment estimates GPU/TPU memory; it is not a
-measurement):
+measurement). On CPU every step compiles with XLA:CPU's `cse_barrier_expander` pass skipped, so
+that model.remat takes effect as it does on GPU and TPU (xla_analysis.compiler_options;
+without it a CPU train step kept every layer's activations):
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
     python main.py --mode=compile --config=configs/arl2_wan1_3b.py --workdir=/tmp/aot
 """
@@ -51,7 +53,7 @@ from hybrid_video.nn.vae import VAE, VAEConfig
 from hybrid_video.optim import make_optimizer
 from hybrid_video.train import make_train_step
 from hybrid_video.train_state import abstract_train_state, init_train_state, train_state_specs
-from hybrid_video.xla_analysis import analyse
+from hybrid_video.xla_analysis import analyse, compiler_options
 
 STEPS = ("train", "stage1", "stage2_tf", "stage2_rollout", "sample", "vae_decode")
 _MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
@@ -250,7 +252,8 @@ def measure(step, args, mesh, rules) -> dict:
   t0 = time.perf_counter()
   with sharding_lib.activation_sharding(mesh, rules):
     traced = step.trace(*args)
-    compiled = traced.lower().compile()
+    compiled = traced.lower().compile(compiler_options=compiler_options(
+        mesh.devices.flat[0].platform))
   stats = analyse(compiled)
   stats["matmul_flops"] = matmul_flops(traced.jaxpr)
   stats["compile_seconds"] = time.perf_counter() - t0

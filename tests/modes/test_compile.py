@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import convert, wan
+from configs import convert, default, wan
 from hybrid_video.conversion.stages import stored_teacher
 from hybrid_video.errors import UserError
-from hybrid_video.modes.compile import compile_main, verdict
+from hybrid_video.modes.compile import compile_main, compile_steps, verdict
+from hybrid_video import sharding as sharding_lib
+from hybrid_video.xla_analysis import CPU_REMAT_PASS, compiler_options
 from hybrid_video.nn.model import CausalDiT
 from tests.helpers import tiny_model_config
 
@@ -110,3 +112,33 @@ def test_compile_vae_decode_step():
   assert results["latents_shape"] == [1, 3, 8, 8, 16]
   assert results["temp_size_in_bytes"] > 0 and results["matmul_flops"] > 1e9  # convolutions
   assert results["verdict"].startswith("fits")
+
+
+@pytest.mark.slow
+def test_compiled_train_step_honours_remat_on_cpu(monkeypatch):
+  """The train step's compiled temporaries shrink with model.remat, on CPU too: compile mode
+  skips XLA:CPU's pass that merged the recomputation back into the forward (with it, remat or
+  not gave the same figure: 87 MiB here either way, 31 MiB with remat now)."""
+  c = default.get_config("softmax")
+  c.model.num_layers, c.model.dim, c.model.num_heads, c.model.mlp_dim = 4, 64, 2, 1024
+  c.train.batch_size = 8
+  c.compile.clip_chunks = 2
+  mesh = sharding_lib.make_mesh(c.mesh)
+  rules = sharding_lib.rules_from_config(c.mesh)
+
+  def temporaries(remat):
+    c.model.remat = remat
+    return compile_steps(c, mesh, rules, ("train",), echo=False)["train"]["temp_size_in_bytes"]
+  plain, remat = temporaries(False), temporaries(True)
+  assert remat < 0.6 * plain, (plain, remat)
+  monkeypatch.setattr("hybrid_video.modes.compile.compiler_options", lambda platform: None)
+  assert temporaries(True) > 0.9 * plain  # XLA:CPU's own pipeline: remat lost
+
+
+def test_compiler_options_keep_passes_disabled_by_xla_flags(monkeypatch):
+  assert compiler_options("gpu") is None and compiler_options("tpu") is None
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                     "--xla_disable_hlo_passes=foo,bar")
+  assert compiler_options("cpu") == {"xla_disable_hlo_passes": f"{CPU_REMAT_PASS},foo,bar"}
+  monkeypatch.delenv("XLA_FLAGS")
+  assert compiler_options("cpu") == {"xla_disable_hlo_passes": CPU_REMAT_PASS}
