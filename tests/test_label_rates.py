@@ -1,0 +1,69 @@
+"""scripts/label_rates.py: the per-label digit figures on videos with known answers, and the
+script end to end on an untrained checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.default import get_config
+from data import digit_metrics, moving_digits
+from hybrid_video import checkpoint as ckpt_lib
+from hybrid_video.nn.model import CausalDiT
+from hybrid_video.optim import make_optimizer
+from hybrid_video.train_state import init_train_state
+from scripts import label_rates
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+  """Test clips of the main job's data regenerated to 20 frames: videos [B, T, H, W], labels."""
+  source = moving_digits.prepare("slow", str(tmp_path_factory.mktemp("tfds"))) \
+      .as_data_source("test")
+  videos, labels = [], []
+  for i in range(12):
+    video, _ = moving_digits.regenerate_clip(source[i], num_frames=20, config="slow")
+    videos.append(video[..., 0].astype(np.float32) / 255.0)
+    labels.append(int(np.ravel(source[i]["labels"])[0]))
+  return np.stack(videos), np.array(labels)
+
+
+def test_true_clips_score_their_labels_blank_and_swapped_ones_do_not(clips):
+  videos, labels = clips
+  classifier = digit_metrics.digit_classifier(12)
+  truth = label_rates.score(videos, labels, classifier)
+  assert truth["label_rate"] >= 0.95 and truth["single_digit_rate"] == 1.0
+  assert truth["steady_rate"] == 1.0
+  assert set(truth["per_range"]) == {"0-2", "2-8", "8-16", "16-20"}
+  assert set(truth["per_label"]) == set(labels.tolist())
+  blank = label_rates.score(np.zeros_like(videos), labels, classifier)
+  assert blank["label_rate"] == 0.0 and blank["single_digit_rate"] == 0.0
+  other = (labels + 1) % 10  # every clip scored against a label it does not show
+  assert label_rates.score(videos, other, classifier)["label_rate"] <= 0.05
+  # one clip's frames 8 on blanked: only the ranges after frame 8 lose it
+  cut = videos.copy()
+  cut[:, 8:] = 0.0
+  r = label_rates.score(cut, labels, classifier)
+  assert r["per_range"]["0-2"] == truth["per_range"]["0-2"] and r["per_range"]["8-16"] == 0.0
+  with pytest.raises(ValueError, match="B labels"):
+    label_rates.score(videos, labels[:3], classifier)
+
+
+@pytest.mark.slow
+def test_script_end_to_end_on_a_checkpoint(tmp_path, capsys):
+  cfg = get_config("smoke")
+  cfg.data.dir = str(tmp_path / "tfds")
+  state = init_train_state(CausalDiT(cfg.model, rngs=nnx.Rngs(0)), make_optimizer(cfg.train))
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "run"))
+  ck.save(3, state, cfg, force=True)
+  ck.wait()
+  ck.close()
+  out = tmp_path / "rates.json"
+  r = label_rates.main([f"--workdir={tmp_path / 'run'}", "--frames=4", "--per_label=1",
+                        "--guidance=2", f"--json={out}"])
+  assert r["videos"] == 10 and r["frames"] == 4 and r["step"] == 3 and r["guidance"] == 2.0
+  assert 0.0 <= r["label_rate"] <= 1.0 and out.exists()
+  assert "per label" in capsys.readouterr().out
+  with pytest.raises(SystemExit, match="not a directory"):
+    label_rates.main([f"--workdir={tmp_path / 'nope'}"])
