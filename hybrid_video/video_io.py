@@ -16,6 +16,11 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
   return x
 
 
+def to_unit(frames: np.ndarray) -> np.ndarray:
+  """Model frames in [-1, 1] -> float32 in [0, 1] (clipped), the digit metrics' input."""
+  return np.clip((np.asarray(frames, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+
 class Mp4Writer:
   """Writes [H, W, 3] uint8 frames to an H.264 mp4, optionally upscaled by an integer factor.
 

@@ -66,6 +66,7 @@ def generate(workdir: str, *, frames: int, per_label: int, guidance: float | Non
   from hybrid_video import inputs as inputs_lib  # pylint: disable=g-import-not-at-top
   from hybrid_video.restore import load_model  # pylint: disable=g-import-not-at-top
   from hybrid_video.streaming import StreamingSampler  # pylint: disable=g-import-not-at-top
+  from hybrid_video.video_io import to_unit  # pylint: disable=g-import-not-at-top
   model, config, step = load_model(default.get_config(), workdir, step)
   if config.model.cond != "labels" or config.data.source != "moving_digits":
     raise SystemExit(f"label_rates: {workdir} is not a label-conditioned Moving-Digits model "
@@ -78,7 +79,7 @@ def generate(workdir: str, *, frames: int, per_label: int, guidance: float | Non
   chunks = []
   sampler.stream(frames, jnp.asarray(labels[:, None]), seed=seed, progress=False,
                  on_frames=lambda f: chunks.append(np.asarray(f)))
-  videos = np.clip((np.concatenate(chunks, axis=1)[..., 0] + 1.0) / 2.0, 0.0, 1.0)
+  videos = to_unit(np.concatenate(chunks, axis=1)[..., 0])
   return videos, labels, config, step
 
 

@@ -53,6 +53,7 @@ import ml_collections  # pylint: disable=wrong-import-position
 from configs import default as default_config  # pylint: disable=wrong-import-position
 from data import moving_digits  # pylint: disable=wrong-import-position
 from hybrid_video import checkpoint as ckpt_lib  # pylint: disable=wrong-import-position
+from hybrid_video.modes.evaluate import CONDITION_WORDS  # pylint: disable=wrong-import-position
 from hybrid_video.nn.model import resolve_hybrid_layers  # pylint: disable=wrong-import-position
 
 DATA = ("slow", "exits")
@@ -63,7 +64,6 @@ STUDENTS = {  # name -> extra --config.* flags of --mode=convert
                            "--config.convert.memory_read=token"],
 }
 PIECES = ("teacher", *STUDENTS, "eval")
-CONDITION_WORDS = {"label": "each clip's label", "null": "the null label"}
 # Teacher targets of the issue (plain data, frames 1-8 and 33-80 of the 10x continuation).
 TARGETS = {"retention_1x": 0.8, "retention_10x": 0.6, "position_error_1x": 2.0}
 

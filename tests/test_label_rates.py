@@ -21,12 +21,8 @@ def clips(tmp_path_factory):
   """Test clips of the main job's data regenerated to 20 frames: videos [B, T, H, W], labels."""
   source = moving_digits.prepare("slow", str(tmp_path_factory.mktemp("tfds"))) \
       .as_data_source("test")
-  videos, labels = [], []
-  for i in range(12):
-    video, _ = moving_digits.regenerate_clip(source[i], num_frames=20, config="slow")
-    videos.append(video[..., 0].astype(np.float32) / 255.0)
-    labels.append(int(np.ravel(source[i]["labels"])[0]))
-  return np.stack(videos), np.array(labels)
+  gt = digit_metrics.ground_truth(source, moving_digits.get_config("slow"), 12, 20)
+  return gt.frames01[..., 0], gt.labels[:, 0]
 
 
 def test_true_clips_score_their_labels_blank_and_swapped_ones_do_not(clips):

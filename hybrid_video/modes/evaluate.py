@@ -57,6 +57,7 @@ from hybrid_video.errors import UserError
 from hybrid_video.restore import load_model, parse_override_value
 from hybrid_video.run_info import blas_threads_limit, hardware_info, provenance
 from hybrid_video.streaming import ChunkRunner, continue_clips
+from hybrid_video.video_io import to_unit
 
 BASELINES = ("last_frame", "blank")  # the last context frame repeated; an empty canvas
 
@@ -272,7 +273,7 @@ def continue_ground_truth(runner: ChunkRunner, gt: GroundTruth, *, context_frame
   out = continue_clips(runner, videos, labels, context_frames=context_frames,
                        num_frames=num_frames, seed=seed, on_chunk=lambda: bar.update(1))
   bar.close()
-  return np.clip((out + 1.0) / 2.0, 0.0, 1.0)
+  return to_unit(out)
 
 
 CONDITIONS = ("label", "null")

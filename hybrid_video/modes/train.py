@@ -13,6 +13,7 @@ from absl import logging
 from hybrid_video import inputs as inputs_lib
 from hybrid_video import streaming
 from hybrid_video.train import Trainer
+from hybrid_video.video_io import to_unit
 
 
 def final_video_digits(path: str, chunks: list, stats, config) -> dict:
@@ -20,7 +21,7 @@ def final_video_digits(path: str, chunks: list, stats, config) -> dict:
   frames as generated (chunks [T, H, W, 1] in [-1, 1]): the conditioned label recognised, one
   digit on screen, and a steady centre (<= 3 px per frame); printed, and written next to the
   video as JSON."""
-  frames = np.clip((np.concatenate(chunks)[..., 0] + 1.0) / 2.0, 0.0, 1.0)
+  frames = to_unit(np.concatenate(chunks)[..., 0])
   label = stats.labels[0][0] if stats.labels else None
   return streaming.report_digits(frames, label, config, path[:-len(".mp4")] + "_digits.json")
 
