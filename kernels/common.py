@@ -7,6 +7,8 @@
 - Block sizes: `shape_bucket` and `lookup_block_sizes`, the lookup by (device kind, dtype,
   shape bucket) behind each op's `block_sizes.get_block_sizes`. Each op keeps its own frozen
   block-size dataclass, `DEFAULTS` and `TUNED` table in its `block_sizes.py`.
+- Loop carries: `zeros_after`, zero-initialised scan carries that XLA cannot materialise
+  before the loop's inputs exist (so under remat they are not held across the forward pass).
 - Argument checks and padding: `check_rank`, `expect_shape`, `pad_axis`, `round_up`,
   `is_power_of_two`, and `pallas_compiler_params` for the Triton / Mosaic launch.
 
@@ -132,6 +134,23 @@ def lookup_block_sizes(tuned, defaults, dtype, size, *, device=None, interpret=F
     if kind_part in kind and tuned_dtype == dtype_name and tuned_bucket == bucket:
       return sizes
   return defaults.get(platform_of(device), defaults['cpu'])
+
+
+def zeros_after(deps, *specs):
+  """(zeros, deps): zero arrays of `specs` ((shape, dtype) pairs) that XLA cannot build before
+  `deps` exist, and `deps` passed through. Read the loop's inputs from the returned `deps`.
+
+  A scan's zero-initialised carry is a constant. Copy insertion gives the loop a writable copy
+  of it, and the scheduler is free to make that copy at the very start of the program: under
+  remat, a layer's backward loop then holds its accumulators across the whole forward pass,
+  once per layer (XLA:CPU did: 1.4 GiB per softmax layer at Wan2.1-1.3B's 7-chunk clip). Here
+  the zeros are broadcasts of a scalar that an optimization barrier ties to `deps`: not a
+  constant, so no early copy, and not computable before the loop's inputs exist. The caller
+  must use the returned `deps`, or the barrier's unused operands are pruned (jaxpr DCE) and the
+  tie is lost.
+  """
+  zero, deps = jax.lax.optimization_barrier((jnp.zeros((), jnp.float32), deps))
+  return tuple(jnp.broadcast_to(zero.astype(dtype), shape) for shape, dtype in specs), deps
 
 
 def check_rank(name, x, rank, description):

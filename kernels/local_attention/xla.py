@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import common
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 # Keys per step of the blocked sweeps (None in `AttentionBlockSizes.xla_key_block` reads
@@ -223,8 +225,9 @@ def _blocked_local_bwd(scale, key_block, residuals, d_out):
     dk = jnp.einsum('bhqk,bqhd->bkhd', ds, q.astype(jnp.float32), precision=_HIGHEST)
     return dq, (dk, dv)
 
-  dq, (dk, dv) = jax.lax.scan(lambda dq, start: block_grads(dq, start, None),
-                              jnp.zeros(q.shape, jnp.float32), jnp.arange(full) * key_block)
+  (dq0,), (delta, d_out) = common.zeros_after((delta, d_out), (q.shape, jnp.float32))
+  dq, (dk, dv) = jax.lax.scan(lambda dq, start: block_grads(dq, start, None), dq0,
+                              jnp.arange(full) * key_block)
   b, rest = q.shape[0], k.shape[1] - full * key_block
   tiles = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, full * key_block, *x.shape[3:])
   dk, dv = tiles(dk), tiles(dv)
@@ -396,9 +399,13 @@ def _blocked_forward(inputs, num_chunks, scale, key_block):
   chunk_len = seq_len // num_chunks
   block, chunks, indices = _schedule(num_chunks, chunk_len, key_block)
   rows = (batch, 2, heads, chunk_len)
+  f32 = jnp.float32
+  (l0, acc0, o0, lse0), inputs = common.zeros_after(
+      inputs, (rows, f32), ((batch, 2, chunk_len, heads, head_dim), f32),
+      ((batch, 2, seq_len, heads, head_dim), q_clean.dtype), ((batch, 2, heads, seq_len), f32))
+  q_clean, k_clean, v_clean, q_noisy, k_noisy, v_noisy = inputs
   # A fresh chunk starts from m = -inf: its first block sees position 0, so m turns finite.
-  init = (jnp.full(rows, -jnp.inf), jnp.zeros(rows),
-          jnp.zeros((batch, 2, chunk_len, heads, head_dim)))
+  init = (l0 - jnp.inf, l0, acc0)
 
   def step(carry, xs):
     state, o, lse = carry
@@ -414,8 +421,7 @@ def _blocked_forward(inputs, num_chunks, scale, key_block):
     lse = jax.lax.dynamic_update_slice_in_dim(lse, m + jnp.log(l), n * chunk_len, axis=3)
     return (state, o, lse), None
 
-  carry = (init, jnp.zeros((batch, 2, seq_len, heads, head_dim), q_clean.dtype),
-           jnp.zeros((batch, 2, heads, seq_len)))
+  carry = (init, o0, lse0)
   (_, o, lse), _ = jax.lax.scan(step, carry, (chunks, indices))
   return (o[:, 0], o[:, 1]), lse
 
@@ -474,8 +480,9 @@ def _blocked_bwd(num_chunks, scale, key_block, residuals, cotangents):
     return (dq, add(dk_clean, to_clean(dk), start, 1), add(dv_clean, to_clean(dv), start, 1),
             add(dk_noisy, to_noisy(dk), start, 1), add(dv_noisy, to_noisy(dv), start, 1)), None
 
-  zeros = jnp.zeros(k_clean.shape, jnp.float32)
-  init = (jnp.zeros((q_clean.shape[0], 2, *q_clean.shape[1:]), jnp.float32),) + (zeros,) * 4
+  init, (delta, do_clean, do_noisy) = common.zeros_after(
+      (delta, do_clean, do_noisy), ((q_clean.shape[0], 2, *q_clean.shape[1:]), jnp.float32),
+      *[(k_clean.shape, jnp.float32)] * 4)
   (dq, dk_clean, dv_clean, dk_noisy, dv_noisy), _ = jax.lax.scan(step, init, (chunks, indices))
   grads = (dq[:, 0], dk_clean, dv_clean, dq[:, 1], dk_noisy, dv_noisy)
   return tuple(g.astype(x.dtype) for g, x in zip(grads, inputs))

@@ -16,7 +16,7 @@ from hybrid_video.errors import UserError
 from hybrid_video.modes.compile import compile_main, compile_steps, verdict
 from hybrid_video import sharding as sharding_lib
 from hybrid_video.xla_analysis import CPU_REMAT_PASS, compiler_options
-from hybrid_video.nn.model import CausalDiT
+from hybrid_video.nn.model import CausalDiT, count_params
 from tests.helpers import tiny_model_config
 
 
@@ -133,6 +133,36 @@ def test_compiled_train_step_honours_remat_on_cpu(monkeypatch):
   assert remat < 0.6 * plain, (plain, remat)
   monkeypatch.setattr("hybrid_video.modes.compile.compiler_options", lambda platform: None)
   assert temporaries(True) > 0.9 * plain  # XLA:CPU's own pipeline: remat lost
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_each_layer_adds_only_what_its_backward_must_keep(monkeypatch, scan_layers):
+  """With remat, one more softmax layer adds to the train step's compiled temporaries about its
+  saved inputs (clean and noisy, fp32) and its fp32 gradients (twice that with scan_layers,
+  which also stacks the parameters). Before, XLA:CPU made every layer's zero-initialised loop
+  buffers of the blocked teacher-forcing attention at the start of the step and held them to
+  that layer's backward: about 4x the saved inputs per layer here (1.4 GiB per layer at Wan's
+  7-chunk clip)."""
+  from kernels.local_attention import xla as attention_xla
+  monkeypatch.setattr(attention_xla, "TEACHER_FORCING_KEY_BLOCK", 32)  # blocked at this size
+  c = default.get_config("softmax")
+  c.model.dim, c.model.num_heads, c.model.mlp_dim, c.model.patch_size = 32, 2, 64, (1, 4, 4)
+  c.model.remat, c.model.scan_layers = True, scan_layers
+  c.train.batch_size = jax.device_count()  # one clip per device
+  c.compile.clip_chunks = 8                # 8 chunks x 2 frames x 64 tokens
+  mesh = sharding_lib.make_mesh(c.mesh)
+  rules = sharding_lib.rules_from_config(c.mesh)
+
+  def temporaries(layers):
+    c.model.num_layers = layers
+    return compile_steps(c, mesh, rules, ("train",), echo=False)["train"]["temp_size_in_bytes"]
+  per_layer = (temporaries(4) - temporaries(2)) / 2
+  tokens = c.compile.clip_chunks * c.model.frames_per_chunk * (32 // 4) ** 2
+  inputs = 2 * tokens * c.model.dim * 4                      # clean and noisy, fp32
+  params = count_params(CausalDiT(c.model, rngs=nnx.Rngs(0)).blocks[0]) * 4
+  expected = inputs + params * (2 if scan_layers else 1)
+  assert per_layer <= 1.5 * expected, (per_layer, inputs, params)
 
 
 def test_compiler_options_keep_passes_disabled_by_xla_flags(monkeypatch):
