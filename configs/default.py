@@ -74,6 +74,12 @@ def model_config() -> ml_collections.ConfigDict:
   m.gdn_chunk_size = 32        # sub-chunk C of the chunked WY/UT gated delta rule; at most
   #                              the tokens per AR chunk (here 2 frames x 16 = 32), else padded
   m.remat = False              # rematerialise each block in the backward pass (saves memory)
+  m.scan_layers = False        # training forward: one lax.scan per run of consecutive blocks
+  #                              of one kind (hybrid, softmax) instead of unrolled blocks. One
+  #                              block compiled per run, and a block's backward buffers live
+  #                              inside its loop iteration (unrolled, XLA:CPU held every
+  #                              layer's at once); on in the Wan configs. Off here: 4 small
+  #                              blocks compile fast unrolled
   m.remat_policy = "nothing"   # with remat, what a block keeps: "nothing" (its input only;
   #                              the smallest) or "dots" (also the matmul outputs without batch
   #                              dims: less recompute, more memory); chosen by --mode=compile
@@ -111,6 +117,7 @@ def wan1_3b_model() -> ml_collections.ConfigDict:
   m.text_dim = 4096
   m.dtype = "bfloat16"
   m.remat = True
+  m.scan_layers = True
   m.gdn_chunk_size = 64        # FLA's sub-chunk at paper scale (4680 tokens per AR chunk)
   m.prediction = "velocity"    # Wan predicts the flow velocity
   m.null_label = False

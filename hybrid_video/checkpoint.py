@@ -24,7 +24,7 @@ FREE_FIELDS = {"model.attention_impl", "model.memory_impl", "model.kernel_interp
                "model.lora.init",
                "model.gdn_chunk_size",
                "model.memory.read", "model.memory.write_during_denoising", "model.remat",
-               "model.remat_policy",
+               "model.remat_policy", "model.scan_layers",
                "model.kv_cache.sink_chunks", "model.kv_cache.window_chunks", "model.dtype"}
 
 # Fields added after checkpoints were first written: a saved config without one meant this value.

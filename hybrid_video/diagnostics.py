@@ -36,10 +36,14 @@ def tapped_teacher_forcing(model: CausalDiT, taps: dict[int, Callable], clean, n
   Runs the model's own forward, so the captured inputs are exactly what each layer sees.
   """
   saved = {i: model.blocks[i].self_attn for i in taps}
-  remat = getattr(model, "remat", None)
+  remat, scan = getattr(model, "remat", None), getattr(model, "scan_layers", None)
   try:
+    # The taps record Python values: no nested transform (remat, a scan over layers) around
+    # the blocks.
     if remat:
-      model.remat = False  # the taps record Python values: no nested transform around blocks
+      model.remat = False
+    if scan:
+      model.scan_layers = False
     for i, fn in taps.items():
       model.blocks[i].self_attn = _Tap(saved[i], fn)
     return model.teacher_forcing(clean, noisy, t, cond)
@@ -48,6 +52,8 @@ def tapped_teacher_forcing(model: CausalDiT, taps: dict[int, Callable], clean, n
       model.blocks[i].self_attn = attn
     if remat:
       model.remat = remat
+    if scan:
+      model.scan_layers = scan
 
 
 def teacher_attention_io(teacher: CausalDiT, layers, clean, noisy, t, cond) -> dict:

@@ -37,7 +37,7 @@ from hybrid_video.nn.model import Carry
 # Model fields that choose a back-end or a training-only trade-off, not the frames: a stream may
 # resume with them changed (e.g. on a machine where the Pallas kernels run).
 IMPL_FIELDS = ("attention_impl", "memory_impl", "kernel_interpret", "gdn_chunk_size", "remat",
-               "remat_policy")
+               "remat_policy", "scan_layers")
 # Sampler fields that shape the frames (cache_chunks only sets the first cache size).
 SAMPLER_FIELDS = ("kind", "timesteps", "shift", "num_steps", "clip_x0", "seed", "guidance")
 # Subfolder of checkpoints/ where old checkpoints wait to be deleted.

@@ -1,5 +1,6 @@
-"""model.remat: rematerialised blocks give the same loss and gradients, for training and for the
-conversion stages (whose student merges trainable, frozen and LoRA parameters)."""
+"""model.remat and model.scan_layers: rematerialised or scanned blocks give the same loss and
+gradients, for training and for the conversion stages (whose student merges trainable, frozen
+and LoRA parameters)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,20 @@ def test_remat_training_gradients_equal(policy):
     assert rel_err(a, b) <= 1e-5
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_scan_layers_training_gradients_equal(remat):
+  """model.scan_layers: runs of consecutive blocks (hybrid 0-2, softmax 3-4) as one lax.scan
+  each give the unrolled loss and gradients."""
+  cfg = tiny_model_config(layers=(0, 1, 2), num_layers=5)
+  cfg.remat = remat
+  want_loss, want = _grads(cfg)
+  cfg.scan_layers = True
+  loss, got = _grads(cfg)
+  assert float(loss) == pytest.approx(float(want_loss), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert rel_err(a, b) <= 1e-5
+
+
 def test_remat_stage2_student_with_lora_and_frozen_parameters():
   """The conversion stage-2 loss with a rematerialised student (trainable hybrid + LoRA
   parameters merged with frozen ones): nnx.remat failed here with a TraceContextError."""
@@ -53,9 +68,9 @@ def test_remat_stage2_student_with_lora_and_frozen_parameters():
   ccfg = convert_config()
   ccfg.hybrid.ratio = 0.5
   results = []
-  for remat in (False, True):
+  for remat, scan in ((False, False), (True, False), (True, True)):
     t_cfg = tiny_model_config(0.0)
-    t_cfg.remat = remat
+    t_cfg.remat, t_cfg.scan_layers = remat, scan
     s_cfg = student_model_config(t_cfg, ccfg, lora=True)
     student = convert(teacher, s_cfg, seed=3)
     graphdef, trainable, frozen = nnx.split(student, trainable_filter(2), ...)
@@ -64,10 +79,10 @@ def test_remat_stage2_student_with_lora_and_frozen_parameters():
     results.append(jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
         trainable, frozen, teacher_params, BATCH, jax.random.key(2)))
   (l0, _), g0 = results[0]
-  (l1, _), g1 = results[1]
-  assert float(l1) == pytest.approx(float(l0), rel=1e-6)
-  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
-    assert rel_err(a, b) <= 1e-5
+  for (l1, _), g1 in results[1:]:
+    assert float(l1) == pytest.approx(float(l0), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+      assert rel_err(a, b) <= 1e-5
 
 
 def test_checkpoints_and_streams_from_before_remat_policy_stay_compatible():

@@ -80,6 +80,7 @@ class CausalDiT(nnx.Module):
     self.cache_dtype = jnp.dtype(cfg.get("dtype") or "float32")
     self.remat = bool(cfg.get("remat", False))
     self.remat_policy = str(cfg.get("remat_policy", "nothing") or "nothing")
+    self.scan_layers = bool(cfg.get("scan_layers", False))
     if self.remat_policy not in REMAT_POLICIES:
       raise UserError(f"model.remat_policy={self.remat_policy!r}: choose "
                       f"{', '.join(REMAT_POLICIES)}")
@@ -219,9 +220,43 @@ class CausalDiT(nnx.Module):
     if self.remat:  # recompute block activations in the backward pass
       run_block = _rematerialised(run_block, REMAT_POLICIES[self.remat_policy])
     xc, xn = constrain(xc, ax.ACTIVATION), constrain(xn, ax.ACTIVATION)
-    for block in self.blocks:
-      xc, xn = run_block(block, xc, xn)
+    xc, xn = self._run_blocks(run_block, (xc, xn))
     return self._head(xn, en, grid, noisy, t_frames)
+
+  def _run_blocks(self, run_block, xs):
+    """xs through every block in order, `run_block(block, *xs) -> xs`.
+
+    With model.scan_layers, each run of consecutive blocks of one structure (the hybrid
+    layers, the softmax layers) is one `lax.scan` over their stacked parameters. XLA then
+    compiles one block per run, and every buffer a block's backward needs lives inside one
+    loop iteration: with the blocks unrolled, XLA:CPU's scheduler made the zero-initialised
+    loop buffers of every layer's backward at the start of the step and held them across the
+    forward pass (README, "Scale"). Stacking copies the run's parameters once per step.
+    """
+    blocks = list(self.blocks)
+    if not self.scan_layers:
+      for block in blocks:
+        xs = run_block(block, *xs)
+      return xs
+    splits = [nnx.split(block) for block in blocks]
+    start = 0
+    while start < len(blocks):
+      end = start + 1
+      while end < len(blocks) and splits[end][0] == splits[start][0]:
+        end += 1
+      if end - start == 1:
+        xs = run_block(blocks[start], *xs)
+      else:
+        graphdef = splits[start][0]
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                               *[state for _, state in splits[start:end]])
+
+        def body(xs, state, graphdef=graphdef):
+          return tuple(run_block(nnx.merge(graphdef, state), *xs)), None
+
+        xs, _ = jax.lax.scan(body, tuple(xs), stacked)
+      start = end
+    return xs
 
   # -- streaming ---------------------------------------------------------------------------------
 
