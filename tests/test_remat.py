@@ -15,7 +15,7 @@ from configs.convert import convert_config, stage_config
 from configs.default import get_config
 from hybrid_video import stream_state
 from hybrid_video.checkpoint import config_differences, config_to_json
-from hybrid_video.conversion.losses import make_distill_loss
+from hybrid_video.conversion.losses import make_alignment_loss, make_distill_loss
 from hybrid_video.conversion.surgery import convert, student_model_config, trainable_filter
 from hybrid_video.diffusion import flow_matching_loss
 from hybrid_video.nn.model import CausalDiT
@@ -81,6 +81,32 @@ def test_remat_stage2_student_with_lora_and_frozen_parameters():
   (l0, _), g0 = results[0]
   for (l1, _), g1 in results[1:]:
     assert float(l1) == pytest.approx(float(l0), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+      assert rel_err(a, b) <= 1e-5
+
+
+def test_stage1_alignment_scanned_over_layers():
+  """Stage 1's per-layer alignment losses as one lax.scan over the hybrid layers (scan_layers,
+  with and without remat) give the unrolled per-layer losses and gradients."""
+  teacher = perturbed(CausalDiT(tiny_model_config(0.0), rngs=nnx.Rngs(0)), seed=1)
+  ccfg = convert_config()
+  ccfg.hybrid.layers = (0, 2, 3)  # not consecutive: one group all the same
+  results = []
+  for remat, scan in ((False, False), (False, True), (True, True)):
+    t_cfg = tiny_model_config(0.0)
+    t_cfg.remat, t_cfg.scan_layers = remat, scan
+    student = convert(teacher, student_model_config(t_cfg, ccfg, lora=False), seed=3)
+    graphdef, trainable, frozen = nnx.split(student, trainable_filter(1), ...)
+    teacher_graphdef, teacher_params = nnx.split(teacher)
+    loss_fn = make_alignment_loss(graphdef, teacher_graphdef, (0, 2, 3), stage_config(), 2)
+    results.append(jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+        trainable, frozen, teacher_params, BATCH, jax.random.key(2)))
+  (l0, per0), g0 = results[0]
+  assert sorted(per0) == ["layer0/align_loss", "layer2/align_loss", "layer3/align_loss"]
+  for (l1, per1), g1 in results[1:]:
+    assert float(l1) == pytest.approx(float(l0), rel=1e-6)
+    for key in per0:
+      assert float(per1[key]) == pytest.approx(float(per0[key]), rel=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
       assert rel_err(a, b) <= 1e-5
 

@@ -19,7 +19,7 @@ from hybrid_video.diagnostics import attention_inputs, diagnostics, teacher_atte
 from hybrid_video.diffusion import (add_noise, batch_condition, noisy_inputs, sample_chunk_fn,
                                     sample_chunk_times)
 from hybrid_video.errors import UserError
-from hybrid_video.nn.model import CausalDiT
+from hybrid_video.nn.model import REMAT_POLICIES, CausalDiT
 
 # -- losses ----------------------------------------------------------------------------------------
 
@@ -30,13 +30,46 @@ def _mse(a, b):
 
 def alignment_loss(student: CausalDiT, record: dict):
   """Stage 1: sum over hybrid layers of the MSE between the layer's pre-W_o output and the
-  teacher's, on the teacher's inputs (clean and noisy copies weigh equally)."""
+  teacher's, on the teacher's inputs (clean and noisy copies weigh equally).
+
+  With model.scan_layers the layers' losses, independent given the record, are one lax.scan
+  per group of layers of one structure (under jax.checkpoint with model.remat), so the backward
+  holds one layer's buffers at a time; unrolled, XLA:CPU held every layer's at once.
+  """
   per_layer = {}
-  for i, r in record.items():
-    yc, yn = student.blocks[i].self_attn.teacher_forcing_heads(
-        r["x_clean"], r["x_noisy"], r["angles"], r["num_chunks"])
-    per_layer[f"layer{i}/align_loss"] = 0.5 * (_mse(yc, r["y_clean"]) + _mse(yn, r["y_noisy"]))
+  groups = _attention_groups(student, sorted(record)) if student.scan_layers else None
+  for layers in groups or [[i] for i in record]:
+    if len(layers) == 1:
+      i = layers[0]
+      per_layer[f"layer{i}/align_loss"] = _align(student.blocks[i].self_attn, record[i])
+      continue
+    splits = [nnx.split(student.blocks[i].self_attn) for i in layers]
+    graphdef = splits[0][0]
+    states = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[state for _, state in splits])
+    shared = {k: record[layers[0]][k] for k in ("angles", "num_chunks")}
+    tapped = {k: jnp.stack([record[i][k] for i in layers])
+              for k in ("x_clean", "x_noisy", "y_clean", "y_noisy")}
+
+    def one_layer(state, r):
+      return _align(nnx.merge(graphdef, state), {**r, **shared})
+    if student.remat:
+      one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[student.remat_policy])
+    _, losses = jax.lax.scan(lambda c, xs: (c, one_layer(*xs)), None, (states, tapped))
+    per_layer.update({f"layer{i}/align_loss": losses[j] for j, i in enumerate(layers)})
   return sum(per_layer.values()), per_layer
+
+
+def _align(attn, r):
+  yc, yn = attn.teacher_forcing_heads(r["x_clean"], r["x_noisy"], r["angles"], r["num_chunks"])
+  return 0.5 * (_mse(yc, r["y_clean"]) + _mse(yn, r["y_noisy"]))
+
+
+def _attention_groups(student: CausalDiT, layers) -> list[list[int]]:
+  """`layers` grouped by the structure of their self-attention (layer order kept)."""
+  groups: dict = {}
+  for i in layers:
+    groups.setdefault(nnx.graphdef(student.blocks[i].self_attn), []).append(i)
+  return list(groups.values())
 
 
 def make_alignment_loss(graphdef, teacher_graphdef, layers, scfg, frames_per_chunk):
