@@ -15,7 +15,8 @@ from configs.convert import convert_config, stage_config
 from configs.default import get_config
 from hybrid_video import stream_state
 from hybrid_video.checkpoint import config_differences, config_to_json
-from hybrid_video.conversion.losses import make_alignment_loss, make_distill_loss
+from hybrid_video.conversion.losses import (make_alignment_loss, make_distill_loss,
+                                            make_rollout_loss, rollout_model_config)
 from hybrid_video.conversion.surgery import convert, student_model_config, trainable_filter
 from hybrid_video.diffusion import flow_matching_loss
 from hybrid_video.nn.model import CausalDiT
@@ -83,6 +84,35 @@ def test_remat_stage2_student_with_lora_and_frozen_parameters():
     assert float(l1) == pytest.approx(float(l0), rel=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
       assert rel_err(a, b) <= 1e-5
+
+
+def test_remat_rollout_stage2_gradients_equal():
+  """Stage 2 on rollouts differentiates the streaming step; with model.remat its blocks are
+  recomputed in the backward, with the same loss and gradients."""
+  teacher = perturbed(CausalDiT(tiny_model_config(0.0), rngs=nnx.Rngs(0)), seed=1)
+  ccfg = convert_config()
+  ccfg.hybrid.ratio = 0.5
+  scfg = ccfg.stage2
+  scfg.rollout.num_chunks, scfg.rollout.grad_chunks = 3, 2
+  scfg.rollout.sink_chunks, scfg.rollout.window_chunks = 1, 1
+  sampler = get_config().sampler
+  sampler.kind, sampler.timesteps, sampler.guidance = "few_step", (1000, 500), 1.0
+  results = []
+  for remat in (False, True):
+    t_cfg = tiny_model_config(0.0)
+    t_cfg.remat = remat
+    s_cfg = rollout_model_config(student_model_config(t_cfg, ccfg, lora=True), scfg.rollout)
+    student = convert(teacher, s_cfg, seed=3)
+    graphdef, trainable, frozen = nnx.split(student, trainable_filter(2), ...)
+    teacher_graphdef, teacher_params = nnx.split(teacher)
+    loss_fn = make_rollout_loss(graphdef, teacher_graphdef, sampler, scfg, (2, 2, 16, 16, 1))
+    results.append(jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+        trainable, frozen, teacher_params, BATCH, jax.random.key(2)))
+  (l0, _), g0 = results[0]
+  (l1, _), g1 = results[1]
+  assert float(l0) > 0 and float(l1) == pytest.approx(float(l0), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    assert rel_err(a, b) <= 1e-5
 
 
 def test_stage1_alignment_scanned_over_layers():

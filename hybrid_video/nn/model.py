@@ -322,10 +322,16 @@ class CausalDiT(nnx.Module):
     slot = self._write_slot(chunk)
     valid = jnp.repeat(carry["slot_chunk"] >= 0, chunk_len)
     cache_ctx = (valid, slot, chunk_len)
+
+    def run_block(block, tokens, layer_carry):
+      tokens, layer_carry = block.step(tokens, e0, context, angles, layer_carry, cache_ctx, write)
+      return constrain(tokens, ax.ACTIVATION), layer_carry
+
+    if self.remat:  # a step differentiated (conversion on rollouts) recomputes its blocks
+      run_block = _rematerialised(run_block, REMAT_POLICIES[self.remat_policy])
     layers = []
     for block, layer_carry in zip(self.blocks, carry["layers"]):
-      tokens, layer_carry = block.step(tokens, e0, context, angles, layer_carry, cache_ctx, write)
-      tokens = constrain(tokens, ax.ACTIVATION)
+      tokens, layer_carry = run_block(block, tokens, layer_carry)
       layers.append(layer_carry)
     out = self._head(tokens, e, grid, x, t_frames)
     if not write:  # caches and counter unchanged; states change only in the write ablation
