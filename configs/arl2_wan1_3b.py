@@ -12,9 +12,9 @@ allocation, no run; the figures are in the README's scale section):
     python main.py --mode=compile --config=configs/arl2_wan1_3b.py --workdir=runs/aot_wan
 
 On a GPU node or TPU slice, pick the mesh with --config.mesh.*; see README "Scaling out". By
-this estimate a clip per device (fsdp=8) needs 114 GiB per device for the train step; a clip per
-pair of devices (--config.mesh.fsdp=4 --config.mesh.tensor=2 --config.train.batch_size=4)
-needs 66.5 GiB.
+this estimate a clip per device (fsdp=8) needs 45.9 GiB per device for the train step, 28.5
+for conversion stage 1, 46.1 and 54.0 for stage 2 (teacher forcing, rollout) and 32.8 for the
+sampler step (model.scan_layers and remat, both on here).
 Training it needs latent clips (--mode=encode); this config is for compile/memory planning
 and conversion shapes.
 """

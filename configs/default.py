@@ -84,9 +84,9 @@ def model_config() -> ml_collections.ConfigDict:
   #                              the smallest) or "dots" (also the matmul outputs without batch
   #                              dims: less recompute, more memory); chosen by --mode=compile
   #                              (configs/arl2_wan1_3b.py at 240x416, fsdp=8, 2 -> 4 layers):
-  #                              "nothing" 12.4 -> 14.5 GiB per device (+1.05 per layer),
-  #                              "dots" 9.9 -> 13.2 (+1.65): "nothing" is smaller from about
-  #                              6 layers on (Wan: 30), "dots" does 23% fewer matmul FLOPs
+  #                              "nothing" 11.8 -> 12.4 GiB per device (+0.27 per layer),
+  #                              "dots" 12.0 -> 13.8 (+0.90): "nothing" is the smaller at any
+  #                              depth, "dots" does 23% fewer matmul FLOPs
   return m
 
 
