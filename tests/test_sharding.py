@@ -41,9 +41,10 @@ def data_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("tfds")
 
 
-def _trainer(data_dir, workdir, mesh, seed=0):
+def _trainer(data_dir, workdir, mesh, seed=0, **model):
   cfg = smoke_config(data_dir, batch_size=8)
   cfg.model.hybrid.ratio = 0.5
+  cfg.model.update(model)
   cfg.seed = seed
   for name in sharding_lib.MESH_AXES:
     cfg.mesh[name] = mesh.get(name, 1)
@@ -55,12 +56,17 @@ def _leaves(tree):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, tensor=2), dict(fsdp=8)],
-                         ids=["data2_fsdp2_tensor2", "fsdp8"])
-def test_sharded_train_step_equals_single_device(tmp_path, data_dir, mesh):
-  single = _trainer(data_dir, tmp_path / "single", dict(data=1))
+@pytest.mark.parametrize("mesh,model", [(dict(data=2, fsdp=2, tensor=2), {}), (dict(fsdp=8), {}),
+                                        (dict(fsdp=8), dict(scan_layers=True, remat=True,
+                                                            num_layers=4))],
+                         ids=["data2_fsdp2_tensor2", "fsdp8", "fsdp8_scan_layers_remat"])
+def test_sharded_train_step_equals_single_device(tmp_path, data_dir, mesh, model):
+  """The sharded step equals the single-device one; with model.scan_layers and remat (the Wan
+  configs' training setting) it still equals the plain unrolled single-device step."""
+  shape = {k: v for k, v in model.items() if k == "num_layers"}  # 4: two runs of two blocks
+  single = _trainer(data_dir, tmp_path / "single", dict(data=1), **shape)
   single_devices = single.state["params"]
-  sharded = _trainer(data_dir, tmp_path / "sharded", mesh)
+  sharded = _trainer(data_dir, tmp_path / "sharded", mesh, **model)
   batch = next(single.data.iterator(0))
   # The state is born sharded: some parameter is split over devices.
   assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
