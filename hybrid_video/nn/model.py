@@ -231,7 +231,7 @@ class CausalDiT(nnx.Module):
     compiles one block per run, and every buffer a block's backward needs lives inside one
     loop iteration: with the blocks unrolled, XLA:CPU's scheduler made the zero-initialised
     loop buffers of every layer's backward at the start of the step and held them across the
-    forward pass (README, "Scale"). Stacking copies the run's parameters once per step.
+    forward pass (README, "Scaling out"). Stacking copies the run's parameters once per step.
     """
     blocks = list(self.blocks)
     if not self.scan_layers:
