@@ -132,7 +132,11 @@ def test_compiled_train_step_honours_remat_on_cpu(monkeypatch):
   plain, remat = temporaries(False), temporaries(True)
   assert remat < 0.6 * plain, (plain, remat)
   monkeypatch.setattr("hybrid_video.modes.compile.compiler_options", lambda platform: None)
-  assert temporaries(True) > 0.9 * plain  # XLA:CPU's own pipeline: remat lost
+  own_pipeline = temporaries(True)
+  if jax.__version_info__ < (0, 11):
+    assert own_pipeline > 0.9 * plain  # XLA:CPU's own pipeline in jax 0.10: remat lost
+  else:
+    assert own_pipeline < 0.6 * plain  # jax 0.11: kept (6.5 MiB against 11.0)
 
 
 @pytest.mark.slow
