@@ -36,24 +36,20 @@ def tapped_teacher_forcing(model: CausalDiT, taps: dict[int, Callable], clean, n
   Runs the model's own forward, so the captured inputs are exactly what each layer sees.
   """
   saved = {i: model.blocks[i].self_attn for i in taps}
-  remat, scan = getattr(model, "remat", None), getattr(model, "scan_layers", None)
+  # The taps record Python values: no nested transform (remat, a scan over layers) around the
+  # blocks while they run.
+  switched_off = {k: getattr(model, k) for k in ("remat", "scan_layers") if getattr(model, k, None)}
   try:
-    # The taps record Python values: no nested transform (remat, a scan over layers) around
-    # the blocks.
-    if remat:
-      model.remat = False
-    if scan:
-      model.scan_layers = False
+    for k in switched_off:
+      setattr(model, k, False)
     for i, fn in taps.items():
       model.blocks[i].self_attn = _Tap(saved[i], fn)
     return model.teacher_forcing(clean, noisy, t, cond)
   finally:
     for i, attn in saved.items():
       model.blocks[i].self_attn = attn
-    if remat:
-      model.remat = remat
-    if scan:
-      model.scan_layers = scan
+    for k, v in switched_off.items():
+      setattr(model, k, v)
 
 
 def teacher_attention_io(teacher: CausalDiT, layers, clean, noisy, t, cond) -> dict:

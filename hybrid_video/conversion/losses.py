@@ -19,7 +19,7 @@ from hybrid_video.diagnostics import attention_inputs, diagnostics, teacher_atte
 from hybrid_video.diffusion import (add_noise, batch_condition, noisy_inputs, sample_chunk_fn,
                                     sample_chunk_times)
 from hybrid_video.errors import UserError
-from hybrid_video.nn.model import REMAT_POLICIES, CausalDiT
+from hybrid_video.nn.model import REMAT_POLICIES, CausalDiT, stack_states
 
 # -- losses ----------------------------------------------------------------------------------------
 
@@ -45,7 +45,7 @@ def alignment_loss(student: CausalDiT, record: dict):
       continue
     splits = [nnx.split(student.blocks[i].self_attn) for i in layers]
     graphdef = splits[0][0]
-    states = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[state for _, state in splits])
+    states = stack_states([state for _, state in splits])
     shared = {k: record[layers[0]][k] for k in ("angles", "num_chunks")}
     tapped = {k: jnp.stack([record[i][k] for i in layers])
               for k in ("x_clean", "x_noisy", "y_clean", "y_noisy")}

@@ -248,8 +248,7 @@ class CausalDiT(nnx.Module):
         xs = run_block(blocks[start], *xs)
       else:
         graphdef = splits[start][0]
-        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
-                               *[state for _, state in splits[start:end]])
+        stacked = stack_states([state for _, state in splits[start:end]])
 
         def body(xs, state, graphdef=graphdef):
           return tuple(run_block(nnx.merge(graphdef, state), *xs)), None
@@ -403,6 +402,12 @@ class CountingRngs(ShapeOnlyRngs):
     key = jax.random.fold_in(self.key, self.count)
     self.count += 1
     return key
+
+
+def stack_states(states):
+  """Module states of one structure -> one state whose leaves gain a leading axis (the layer
+  axis that a `lax.scan` over those modules walks)."""
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
 
 def _rematerialised(run_block, policy):
