@@ -10,6 +10,12 @@ already low in the first frames (the digit is drawn wrong) can be told from one 
 
   python scripts/label_rates.py --workdir=runs/default                 # 8 frames, 5 per label
   python scripts/label_rates.py --workdir=runs/default --frames=64 --per_label=3 --guidance=4
+  python scripts/label_rates.py --workdir=runs/default --label_use     # no sampling, seconds
+
+--label_use asks whether the model uses its label at all: the first chunk of 64 training clips
+is noised to fixed levels t and denoised once with each clip's label and once with the null
+label; it prints the x0 error of each and the label's share of it ("gain"). A model that ignores
+its label has gain ~0 at every t, and classifier-free guidance then has little to amplify.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Frame ranges reported (the first chunk of 2 frames, the rest of a training clip, then longer).
 RANGES = ((0, 2), (2, 8), (8, 16), (16, 32), (32, 64), (64, None))
+# Noise levels --label_use reports.
+LABEL_USE_LEVELS = (0.5, 0.7, 0.8, 0.9)
 
 
 def score(videos01: np.ndarray, labels: np.ndarray, classifier) -> dict:
@@ -55,6 +63,46 @@ def score(videos01: np.ndarray, labels: np.ndarray, classifier) -> dict:
           "per_label": {int(c): float(hits[labels == c].mean()) for c in np.unique(labels)},
           "per_range": per_range,
           "single_digit_rate": float(np.mean(one)), "steady_rate": float(np.mean(steady))}
+
+
+def label_use(model, video, labels, levels=LABEL_USE_LEVELS, seed: int = 0) -> dict:
+  """The x0 error of the first chunk of clips video [B, T, H, W, C] in [-1, 1] (later chunks
+  clean context, as in training), denoised once at each level t with labels [B] and once with
+  the model's null label: {t: {"label": mse, "null": mse, "gain": 1 - label / null}}."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  if model.null_label_index is None:
+    raise ValueError("label_use needs a model with a null label (model.null_label)")
+  video = jnp.asarray(video, jnp.float32)
+  b, frames = video.shape[:2]
+  f = model.frames_per_chunk
+  eps = jax.random.normal(jax.random.PRNGKey(seed), video.shape)
+  conds = {"label": jnp.asarray(labels, jnp.int32).reshape(b, 1),
+           "null": jnp.full((b, 1), model.null_label_index, jnp.int32)}
+  out = {}
+  for level in levels:
+    t = jnp.zeros((b, frames // f), jnp.float32).at[:, 0].set(level)
+    tf = jnp.repeat(t, f, axis=1).reshape(b, frames, 1, 1, 1)
+    x_t = (1.0 - tf) * video + tf * eps
+    mse = {}
+    for name, cond in conds.items():
+      v = model.teacher_forcing(video, x_t, t, cond).astype(jnp.float32)
+      x0 = x_t - tf * v
+      mse[name] = float(jnp.mean(jnp.square(x0[:, :f] - video[:, :f])))
+    out[float(level)] = {**mse, "gain": 1.0 - mse["label"] / mse["null"]}
+  return out
+
+
+def training_clips(config, count: int):
+  """The first `count` training clips of a Moving-Digits config: (video [B, T, H, W, 1] in
+  [-1, 1], labels [B])."""
+  from data import pipeline  # pylint: disable=g-import-not-at-top
+  from hybrid_video import inputs as inputs_lib  # pylint: disable=g-import-not-at-top
+  source = inputs_lib.make_split_source(config, "train")
+  raw = {k: np.stack([np.asarray(source[i][k]) for i in range(min(count, len(source)))])
+         for k in ("video", "labels")}
+  batch = pipeline.to_model_inputs(raw)
+  return batch["video"], np.asarray(batch["labels"]).reshape(-1)
 
 
 def generate(workdir: str, *, frames: int, per_label: int, guidance: float | None,
@@ -93,6 +141,9 @@ def main(argv=None):
                  help="classifier-free guidance (default: the checkpoint config's sampler)")
   p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
   p.add_argument("--json", default=None, help="also write the figures to this file")
+  p.add_argument("--label_use", action="store_true",
+                 help="instead of sampling: the first chunk's x0 error with and without the "
+                      "label at fixed noise levels (does the model use its label?)")
   args = p.parse_args(argv)
   if args.frames < 1 or args.per_label < 1:
     raise SystemExit("label_rates: --frames and --per_label must be >= 1")
@@ -100,6 +151,8 @@ def main(argv=None):
     raise SystemExit(f"label_rates: --workdir={args.workdir} is not a directory")
   from data import digit_metrics, moving_digits  # pylint: disable=g-import-not-at-top
   from hybrid_video.errors import UserError  # pylint: disable=g-import-not-at-top
+  if args.label_use:
+    return _main_label_use(args)
   try:
     videos, labels, config, step = generate(args.workdir, frames=args.frames,
                                             per_label=args.per_label, guidance=args.guidance,
@@ -117,6 +170,30 @@ def main(argv=None):
         f"{result['single_digit_rate']:.0%}  steady {result['steady_rate']:.0%}")
   print("  per label  " + "  ".join(f"{c}:{r:.0%}" for c, r in result["per_label"].items()))
   print("  per frames " + "  ".join(f"{k}:{r:.0%}" for k, r in result["per_range"].items()))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=1)
+  return result
+
+
+def _main_label_use(args) -> dict:
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from hybrid_video.errors import UserError  # pylint: disable=g-import-not-at-top
+  from hybrid_video.restore import load_model  # pylint: disable=g-import-not-at-top
+  try:
+    model, config, step = load_model(default.get_config(), args.workdir, args.step)
+    if config.model.cond != "labels" or model.null_label_index is None:
+      raise UserError(f"{args.workdir} has no labels with a null label (model.cond="
+                      f"{config.model.cond!r}, model.null_label={config.model.null_label})")
+    video, labels = training_clips(config, 64)
+  except UserError as e:
+    raise SystemExit(f"label_rates: {e}") from None
+  use = label_use(model, video, labels, seed=args.seed)
+  print(f"{args.workdir} step {step}: first-chunk x0 error of {len(labels)} training clips, "
+        "with each clip's label / the null label")
+  for level, r in use.items():
+    print(f"  t={level:g}  label {r['label']:.4f}  null {r['null']:.4f}  gain {r['gain']:+.1%}")
+  result = {"workdir": args.workdir, "step": step, "label_use": use}
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)

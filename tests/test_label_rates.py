@@ -63,3 +63,37 @@ def test_script_end_to_end_on_a_checkpoint(tmp_path, capsys):
   assert "per label" in capsys.readouterr().out
   with pytest.raises(SystemExit, match="not a directory"):
     label_rates.main([f"--workdir={tmp_path / 'nope'}"])
+
+
+def test_label_use_is_zero_for_a_label_blind_model_and_not_for_one_that_reads_labels(tmp_path):
+  cfg = get_config("smoke")
+  cfg.data.dir = str(tmp_path / "tfds")
+  video, labels = label_rates.training_clips(cfg, 6)
+  assert video.shape == (6, 4, 16, 16, 1) and labels.shape == (6,)
+  assert video.min() >= -1.0 and video.max() <= 1.0
+  model = CausalDiT(cfg.model, rngs=nnx.Rngs(0))
+  # The head is zero at init: give it weights, so that the prediction depends on the tokens.
+  model.head.kernel[...] = 0.05 * np.random.default_rng(0).normal(size=model.head.kernel.shape)
+  reads = label_rates.label_use(model, video, labels, levels=(0.5, 0.9))
+  assert set(reads) == {0.5, 0.9}
+  assert all(abs(r["gain"]) > 1e-6 and r["null"] > 0 for r in reads.values())
+  # Every label token made equal to the null token: the label carries nothing.
+  table = model.cond_embed.table.embedding
+  table[...] = np.broadcast_to(np.asarray(table[...])[-1:], table.shape).copy()
+  blind = label_rates.label_use(model, video, labels, levels=(0.5, 0.9))
+  assert all(r["gain"] == 0.0 and r["label"] == r["null"] for r in blind.values())
+
+
+@pytest.mark.slow
+def test_label_use_from_the_command_line(tmp_path, capsys):
+  cfg = get_config("smoke")
+  cfg.data.dir = str(tmp_path / "tfds")
+  state = init_train_state(CausalDiT(cfg.model, rngs=nnx.Rngs(0)), make_optimizer(cfg.train))
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "run"))
+  ck.save(2, state, cfg, force=True)
+  ck.wait()
+  ck.close()
+  r = label_rates.main([f"--workdir={tmp_path / 'run'}", "--label_use",
+                        f"--json={tmp_path / 'use.json'}"])
+  assert r["step"] == 2 and set(r["label_use"]) == set(label_rates.LABEL_USE_LEVELS)
+  assert "gain" in capsys.readouterr().out and (tmp_path / "use.json").exists()
