@@ -71,6 +71,7 @@ def label_use(model, video, labels, levels=LABEL_USE_LEVELS, seed: int = 0) -> d
   the model's null label: {t: {"label": mse, "null": mse, "gain": 1 - label / null}}."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from hybrid_video.diffusion import add_noise  # pylint: disable=g-import-not-at-top
   if model.null_label_index is None:
     raise ValueError("label_use needs a model with a null label (model.null_label)")
   video = jnp.asarray(video, jnp.float32)
@@ -82,13 +83,12 @@ def label_use(model, video, labels, levels=LABEL_USE_LEVELS, seed: int = 0) -> d
   out = {}
   for level in levels:
     t = jnp.zeros((b, frames // f), jnp.float32).at[:, 0].set(level)
-    tf = jnp.repeat(t, f, axis=1).reshape(b, frames, 1, 1, 1)
-    x_t = (1.0 - tf) * video + tf * eps
+    x_t = add_noise(video, eps, jnp.repeat(t, f, axis=1))
     mse = {}
     for name, cond in conds.items():
       v = model.teacher_forcing(video, x_t, t, cond).astype(jnp.float32)
-      x0 = x_t - tf * v
-      mse[name] = float(jnp.mean(jnp.square(x0[:, :f] - video[:, :f])))
+      x0 = x_t[:, :f] - level * v[:, :f]
+      mse[name] = float(jnp.mean(jnp.square(x0 - video[:, :f])))
     out[float(level)] = {**mse, "gain": 1.0 - mse["label"] / mse["null"]}
   return out
 
@@ -170,10 +170,14 @@ def main(argv=None):
         f"{result['single_digit_rate']:.0%}  steady {result['steady_rate']:.0%}")
   print("  per label  " + "  ".join(f"{c}:{r:.0%}" for c, r in result["per_label"].items()))
   print("  per frames " + "  ".join(f"{k}:{r:.0%}" for k, r in result["per_range"].items()))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1)
+  _write_json(result, args.json)
   return result
+
+
+def _write_json(result: dict, path: str | None) -> None:
+  if path:
+    with open(path, "w") as f:
+      json.dump(result, f, indent=1)
 
 
 def _main_label_use(args) -> dict:
@@ -182,21 +186,18 @@ def _main_label_use(args) -> dict:
   from hybrid_video.restore import load_model  # pylint: disable=g-import-not-at-top
   try:
     model, config, step = load_model(default.get_config(), args.workdir, args.step)
-    if config.model.cond != "labels" or model.null_label_index is None:
-      raise UserError(f"{args.workdir} has no labels with a null label (model.cond="
-                      f"{config.model.cond!r}, model.null_label={config.model.null_label})")
+    if config.model.cond != "labels" or config.data.source != "moving_digits":
+      raise UserError(f"{args.workdir} is not a label-conditioned Moving-Digits model")
     video, labels = training_clips(config, 64)
-  except UserError as e:
+    use = label_use(model, video, labels, seed=args.seed)
+  except (UserError, ValueError) as e:
     raise SystemExit(f"label_rates: {e}") from None
-  use = label_use(model, video, labels, seed=args.seed)
   print(f"{args.workdir} step {step}: first-chunk x0 error of {len(labels)} training clips, "
         "with each clip's label / the null label")
   for level, r in use.items():
     print(f"  t={level:g}  label {r['label']:.4f}  null {r['null']:.4f}  gain {r['gain']:+.1%}")
   result = {"workdir": args.workdir, "step": step, "label_use": use}
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1)
+  _write_json(result, args.json)
   return result
 
 

@@ -46,15 +46,20 @@ def test_true_clips_score_their_labels_blank_and_swapped_ones_do_not(clips):
     label_rates.score(videos, labels[:3], classifier)
 
 
-@pytest.mark.slow
-def test_script_end_to_end_on_a_checkpoint(tmp_path, capsys):
+def _smoke_checkpoint(tmp_path, step: int) -> None:
+  """An untrained smoke-config checkpoint at `step` in tmp_path/run (data in tmp_path/tfds)."""
   cfg = get_config("smoke")
   cfg.data.dir = str(tmp_path / "tfds")
   state = init_train_state(CausalDiT(cfg.model, rngs=nnx.Rngs(0)), make_optimizer(cfg.train))
   ck = ckpt_lib.Checkpointer(str(tmp_path / "run"))
-  ck.save(3, state, cfg, force=True)
+  ck.save(step, state, cfg, force=True)
   ck.wait()
   ck.close()
+
+
+@pytest.mark.slow
+def test_script_end_to_end_on_a_checkpoint(tmp_path, capsys):
+  _smoke_checkpoint(tmp_path, 3)
   out = tmp_path / "rates.json"
   r = label_rates.main([f"--workdir={tmp_path / 'run'}", "--frames=4", "--per_label=1",
                         "--guidance=2", f"--json={out}"])
@@ -86,13 +91,7 @@ def test_label_use_is_zero_for_a_label_blind_model_and_not_for_one_that_reads_la
 
 @pytest.mark.slow
 def test_label_use_from_the_command_line(tmp_path, capsys):
-  cfg = get_config("smoke")
-  cfg.data.dir = str(tmp_path / "tfds")
-  state = init_train_state(CausalDiT(cfg.model, rngs=nnx.Rngs(0)), make_optimizer(cfg.train))
-  ck = ckpt_lib.Checkpointer(str(tmp_path / "run"))
-  ck.save(2, state, cfg, force=True)
-  ck.wait()
-  ck.close()
+  _smoke_checkpoint(tmp_path, 2)
   r = label_rates.main([f"--workdir={tmp_path / 'run'}", "--label_use",
                         f"--json={tmp_path / 'use.json'}"])
   assert r["step"] == 2 and set(r["label_use"]) == set(label_rates.LABEL_USE_LEVELS)
