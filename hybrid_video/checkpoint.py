@@ -29,7 +29,7 @@ FREE_FIELDS = {"model.attention_impl", "model.memory_impl", "model.kernel_interp
 
 # Fields added after checkpoints were first written: a saved config without one meant this value.
 FIELD_DEFAULTS = {"model.prediction": "velocity", "model.null_label": False,
-                  "model.label_adaln": False, "sampler.guidance": 1.0}
+                  "model.label_adaln": False, "model.label_tokens": 1, "sampler.guidance": 1.0}
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -77,21 +77,38 @@ def drop_labels(batch, key, rate: float, null_label: int | None):
   return {**batch, "labels": jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)}
 
 
-def velocity_loss(model, batch, noisy) -> jax.Array:
+def velocity_loss(model, batch, noisy, model_guidance: float = 0.0) -> jax.Array:
   """MSE of the predicted velocity against eps - x0 on the noisy half of the teacher-forcing
-  input [clean ; noisy]. noisy = (x_t, t, eps) from `noisy_inputs`."""
+  input [clean ; noisy]. noisy = (x_t, t, eps) from `noisy_inputs`.
+
+  model_guidance = w > 0 (train.model_guidance; label models with a null label): the target
+  becomes eps - x0 + w sg(v(label) - v(null)) (Tang et al. 2025, "Diffusion Models without
+  Classifier-free Guidance"; the term is zero for clips that label_dropout gave the null
+  label), one more forward pass with the null label and no gradient. Its fixed point is the
+  classifier-free-guided velocity at scale 1 / (1 - w), so such a model samples with
+  sampler.guidance = 1.
+  """
   x0 = batch["video"]
   x_t, t, eps = noisy
+  if model_guidance and (getattr(model, "null_label_index", None) is None
+                         or "labels" not in batch):
+    raise UserError("train.model_guidance needs labels and a model with model.null_label=True")
   cond = batch_condition(batch)
-  pred = model.teacher_forcing(x0, x_t, t, cond)
-  return jnp.mean(jnp.square(pred.astype(jnp.float32) - (eps - x0)))
+  pred = model.teacher_forcing(x0, x_t, t, cond).astype(jnp.float32)
+  target = eps - x0
+  if model_guidance:
+    null = jnp.full_like(batch["labels"], model.null_label_index)
+    pred_null = model.teacher_forcing(x0, x_t, t, null).astype(jnp.float32)
+    target = target + model_guidance * jax.lax.stop_gradient(pred - pred_null)
+  return jnp.mean(jnp.square(pred - target))
 
 
 def flow_matching_loss(model, batch, key, tcfg):
   """The flow-matching loss of one batch: noise drawn with `key`, then `velocity_loss`.
   batch["video"] [B, T, H, W, C]; batch["labels"] or batch["cond"]."""
   return velocity_loss(model, batch, noisy_inputs(batch["video"], key, model.frames_per_chunk,
-                                                  tcfg))
+                                                  tcfg),
+                       float(tcfg.get("model_guidance", 0.0) or 0.0))
 
 
 def sample_chunk_fn(graphdef, scfg, chunk_shape, trace_counter: list | None = None) -> Callable:

@@ -91,7 +91,8 @@ def accumulated_grads(graphdef, params, batch, rng, tcfg, accum: int):
     loss_sum, grad_sum = carry
     mbatch, mnoisy = mb
     loss, grads = jax.value_and_grad(
-        lambda p: velocity_loss(nnx.merge(graphdef, p), mbatch, mnoisy))(params)
+        lambda p: velocity_loss(nnx.merge(graphdef, p), mbatch, mnoisy,
+                                float(tcfg.get("model_guidance", 0.0) or 0.0)))(params)
     return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)

@@ -17,6 +17,7 @@ def tiny_model_config(ratio: float = 0.75, *, layers=None, frames_per_chunk: int
   cfg.prediction = "velocity"  # the formula tests' head; x0 prediction has its own tests
   cfg.null_label = False
   cfg.label_adaln = False    # label tokens through cross-attention only (its own test)
+  cfg.label_tokens = 1       # one token per label (several: their own test)
   cfg.dim = 48
   cfg.num_heads = 2          # head dim 24: RoPE bands 8/8/8
   cfg.mlp_dim = 64

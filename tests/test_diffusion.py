@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 
 from hybrid_video import diffusion
+from hybrid_video.errors import UserError
 
 CHUNK_SHAPE = (2, 2, 8, 8, 1)  # B, F, Hi, Wi, C
 
@@ -122,6 +123,49 @@ def test_flow_matching_target_is_eps_minus_x0():
   wrong = diffusion.flow_matching_loss(_VelocityFromNoisy(-1.0), batch, jax.random.key(2), tcfg)
   assert float(right) < 1e-8, float(right)
   assert float(wrong) > 1.0  # 4 E|eps - x0|^2 ~ 5: the sign is observable
+
+
+class _LabelScaled:
+  """Stands in for the model in velocity_loss with train.model_guidance: predicts
+  p * ((x_t - x0) / t + 0.1 * label), so the label's effect v(label) - v(null) depends on the
+  parameter p (a missing stop-gradient would show in dloss/dp)."""
+
+  frames_per_chunk = 2
+  null_label_index = 10
+
+  def __init__(self, p):
+    self.p = p
+
+  def teacher_forcing(self, clean, noisy, t, cond):
+    t = jnp.repeat(t, self.frames_per_chunk, axis=1)[:, :, None, None, None]
+    label = cond.astype(jnp.float32).reshape(-1, 1, 1, 1, 1)
+    return self.p * ((noisy - clean) / t + 0.1 * label)
+
+
+def test_model_guidance_target_and_its_stop_gradient():
+  """train.model_guidance = w: clips with a label train on eps - x0 + w sg(v(label) - v(null));
+  clips with the null label on eps - x0; no gradient flows through the guidance term."""
+  w, p = 0.75, 1.3
+  x0 = jax.random.uniform(jax.random.key(1), (2, 4, 8, 8, 1), minval=-1, maxval=1)
+  batch = {"video": x0, "labels": jnp.array([[3], [10]], jnp.int32)}
+  noisy = diffusion.noisy_inputs(x0, jax.random.key(2), 2, ml_collections.ConfigDict(
+      dict(t_logit_mean=0.0, t_logit_std=1.0)))
+  x_t, t, eps = noisy
+  u = (x_t - x0) / jnp.repeat(t, 2, axis=1)[:, :, None, None, None]
+  label = jnp.array([3.0, 10.0]).reshape(-1, 1, 1, 1, 1)
+  pred = p * (u + 0.1 * label)
+  delta = p * 0.1 * (label - 10.0) * jnp.array([1.0, 0.0]).reshape(-1, 1, 1, 1, 1)
+  target = eps - x0 + w * delta
+  want = jnp.mean(jnp.square(pred - target))
+  want_grad = jnp.mean(2 * (pred - target) * (u + 0.1 * label))  # target held fixed
+  loss, grad = jax.value_and_grad(
+      lambda q: diffusion.velocity_loss(_LabelScaled(q), batch, noisy, w))(p)
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-5)
+  plain = diffusion.velocity_loss(_LabelScaled(p), batch, noisy)
+  assert abs(float(plain) - float(want)) > 1e-2  # the guidance term is observable
+  with pytest.raises(UserError, match="model_guidance"):
+    diffusion.velocity_loss(_LabelScaled(p), {"video": x0}, noisy, w)
 
 
 # -- samplers against a perfect velocity oracle ----------------------------------------------------

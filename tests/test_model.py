@@ -299,3 +299,38 @@ def test_label_adaln_conditions_every_block_and_streams_as_it_trains():
   assert config_differences(saved, _model_json(cfg)) == ["model.label_adaln: False -> True"]
   cfg.cond = "none"  # only label models get it
   assert CausalDiT(cfg, rngs=nnx.Rngs(0)).label_to_time is None
+
+
+def test_label_tokens_give_each_label_several_keys_and_stream_as_they_train():
+  """model.label_tokens = L: each label is L conditioning tokens (the null label too), so the
+  cross-attention's softmax runs over L keys and its output differs from video token to video
+  token; with L = 1 it is one key and the same vector for every token. Streaming equals teacher
+  forcing, and old checkpoints (no field) mean 1."""
+  from hybrid_video.nn.attention import CrossAttention  # pylint: disable=g-import-not-at-top
+  cfg = tiny_model_config(0.75)
+  cfg.null_label = True
+  cfg.label_tokens = 4
+  model = perturbed(CausalDiT(cfg, rngs=nnx.Rngs(5)), seed=6)
+  clean, noisy, t, labels = _inputs(seed=5)
+  context = model.embed_condition(labels, B)
+  assert context.shape == (B, 4, cfg.dim)
+  assert model.null_condition(B).shape == (B, 4, cfg.dim)
+  assert float(jnp.min(jnp.std(context, axis=1))) > 0  # four different tokens per label
+  # The first block's cross-attention: per-token outputs vary with 4 keys, not with 1.
+  cross = model.blocks[0].cross_attn
+  assert isinstance(cross, CrossAttention)
+  x = jax.random.normal(jax.random.key(0), (B, 8, cfg.dim))
+  spread = lambda y: float(jnp.max(jnp.std(y, axis=1)) / jnp.max(jnp.abs(y)))
+  assert spread(cross(x, context)) > 1e-3
+  assert spread(cross(x, context[:, :1])) < 1e-6
+  tf = jit_call(model, "teacher_forcing", clean, noisy, t, labels)
+  stream, _ = _stream_outputs(model, clean, noisy, t, labels)
+  assert rel_err(stream, tf) <= TOL
+  other = jit_call(model, "teacher_forcing", clean, noisy, t, 9 - labels)
+  assert rel_err(other, tf) > 1e-4
+  saved = _model_json(tiny_model_config(0.75))
+  saved["model"].pop("label_tokens", None)
+  assert config_differences(saved, _model_json(tiny_model_config(0.75))) == []
+  cfg.label_tokens = 0
+  with pytest.raises(UserError, match="label_tokens=0"):
+    CausalDiT(cfg, rngs=nnx.Rngs(0))

@@ -157,21 +157,24 @@ def test_checkpoints_and_streams_from_before_remat_policy_stay_compatible():
 
 
 def test_checkpoints_and_streams_from_before_newer_fields_resume_as_what_they_were():
-  """model.prediction, model.null_label and sampler.guidance are newer than some checkpoints and
-  streams: a saved config without them meant velocity, no null label, no guidance."""
+  """model.prediction, model.null_label, model.label_tokens and sampler.guidance are newer than
+  some checkpoints and streams: a saved config without them meant velocity, no null label, one
+  token per label, no guidance."""
   fp = lambda cfg: stream_state.fingerprint(cfg, model_step=1, params="p", batch=1,
                                             frame_hw=(16, 16), num_frames=8)
   before = get_config("smoke")
   before.model.prediction, before.model.null_label, before.sampler.guidance = "velocity", False, 1.0
+  before.model.label_tokens = 1
   saved_config, saved_stream = config_to_json(before), fp(before)
-  for key in ("prediction", "null_label"):
+  for key in ("prediction", "null_label", "label_tokens"):
     del saved_config["model"][key], saved_stream[f"model.{key}"]
   del saved_stream["sampler.guidance"]
   assert config_differences(saved_config, config_to_json(before)) == []
   assert stream_state.differences(saved_stream, fp(before)) == []
-  now = get_config("smoke")  # the current tiny recipe differs in all three
+  now = get_config("smoke")  # the current tiny recipe differs in all four
   assert config_differences(saved_config, config_to_json(now)) == [
-      "model.null_label: False -> True", "model.prediction: 'velocity' -> 'x0'"]
+      "model.label_tokens: 1 -> 8", "model.null_label: False -> True",
+      "model.prediction: 'velocity' -> 'x0'"]
   assert stream_state.differences(saved_stream, fp(now)) == [
-      "model.null_label: False -> True", "model.prediction: 'velocity' -> 'x0'",
-      "sampler.guidance: 1.0 -> 8.0"]
+      "model.label_tokens: 1 -> 8", "model.null_label: False -> True",
+      "model.prediction: 'velocity' -> 'x0'", "sampler.guidance: 1.0 -> 4.0"]

@@ -101,32 +101,40 @@ class TimeEmbed(nnx.Module):
 class ConditionEmbed(nnx.Module):
   """Conditioning tokens for cross-attention.
 
-  kind = "labels": learned label tokens (one per digit label) [decision for the tiny configs];
-    with null_label, one more token (index num_classes) stands for "no label" (classifier-free
-    guidance: train.label_dropout, sampler.guidance);
+  kind = "labels": learned label tokens (`label_tokens` per digit label) [decision for the tiny
+    configs]; with null_label, one more label (index num_classes) stands for "no label"
+    (classifier-free guidance: train.label_dropout, sampler.guidance). With one token per label
+    the cross-attention's softmax runs over one key, so its output is the same vector for every
+    video token (a per-label bias); several tokens let each video token read its own mix;
   kind = "none": one learned null token (unconditional);
   kind = "embeddings": external embeddings (umT5 in Wan) of width text_dim.
   Then Wan's text embedding: Linear(text_dim, dim) -> GELU(tanh) -> Linear(dim, dim).
   """
 
   def __init__(self, kind: str, num_classes: int, text_dim: int, dim: int, *, rngs: nnx.Rngs,
-               null_label: bool = False):
+               null_label: bool = False, label_tokens: int = 1):
     if kind not in ("labels", "none", "embeddings"):
       raise UserError(f"model.cond={kind!r} must be one of 'labels', 'none', 'embeddings'")
+    if label_tokens < 1:
+      raise UserError(f"model.label_tokens={label_tokens} must be >= 1")
     self.kind = kind
+    self.label_tokens = label_tokens
+    self.text_dim = text_dim
     if kind == "labels":
-      self.table = nnx.Embed(num_classes + int(null_label), text_dim, rngs=rngs)
+      self.table = nnx.Embed(num_classes + int(null_label), text_dim * label_tokens, rngs=rngs)
     elif kind == "none":
       self.null = nnx.Param(jax.random.normal(rngs.params(), (1, 1, text_dim)) * 0.02)
     self.fc1 = nnx.Linear(text_dim, dim, rngs=rngs)
     self.fc2 = nnx.Linear(dim, dim, rngs=rngs)
 
   def __call__(self, cond, batch: int) -> jax.Array:
-    """cond: labels [B, M] int, embeddings [B, M, text_dim], or None -> [B, M, dim]."""
+    """cond: labels [B, M] int, embeddings [B, M, text_dim], or None -> [B, M', dim]
+    (M' = M * label_tokens for labels, else M)."""
     if self.kind == "labels":
       if cond is None:
         raise UserError("model.cond='labels' needs integer labels [B, M]")
       tokens = self.table(cond)
+      tokens = tokens.reshape(*cond.shape[:-1], cond.shape[-1] * self.label_tokens, self.text_dim)
     elif self.kind == "embeddings":
       if cond is None:
         raise UserError("model.cond='embeddings' needs conditioning embeddings [B, M, text_dim]")

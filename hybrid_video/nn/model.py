@@ -96,7 +96,8 @@ class CausalDiT(nnx.Module):
     # The label index that means "no label" (classifier-free guidance), or None.
     self.null_label_index = int(cfg.num_classes) if null_label else None
     self.cond_embed = ConditionEmbed(cfg.cond, cfg.num_classes, cfg.text_dim, cfg.dim, rngs=rngs,
-                                     null_label=null_label)
+                                     null_label=null_label,
+                                     label_tokens=int(cfg.get("label_tokens", 1)))
     # model.label_adaln (labels only): the label token also joins the timestep embedding, so it
     # modulates every block's norms (adaLN, as in class-conditional DiT) besides the
     # cross-attention. Zero-initialised: at init the model equals one without it.
@@ -162,7 +163,7 @@ class CausalDiT(nnx.Module):
     return self.label_to_time(jnp.mean(context.astype(jnp.float32), axis=1))
 
   def null_condition(self, batch: int) -> jax.Array:
-    """Conditioning tokens [B, 1, dim] of the null label (classifier-free guidance)."""
+    """Conditioning tokens [B, label_tokens, dim] of the null label (classifier-free guidance)."""
     if self.null_label_index is None:
       raise UserError("this model has no null label (model.null_label)")
     return self.embed_condition(jnp.full((batch, 1), self.null_label_index, jnp.int32), batch)
