@@ -103,12 +103,17 @@ def velocity_loss(model, batch, noisy, model_guidance: float = 0.0) -> jax.Array
   return jnp.mean(jnp.square(pred - target))
 
 
+def model_guidance_weight(tcfg) -> float:
+  """train.model_guidance (0 when absent: configs older than it)."""
+  return float(tcfg.get("model_guidance", 0.0) or 0.0)
+
+
 def flow_matching_loss(model, batch, key, tcfg):
   """The flow-matching loss of one batch: noise drawn with `key`, then `velocity_loss`.
   batch["video"] [B, T, H, W, C]; batch["labels"] or batch["cond"]."""
   return velocity_loss(model, batch, noisy_inputs(batch["video"], key, model.frames_per_chunk,
                                                   tcfg),
-                       float(tcfg.get("model_guidance", 0.0) or 0.0))
+                       model_guidance_weight(tcfg))
 
 
 def sample_chunk_fn(graphdef, scfg, chunk_shape, trace_counter: list | None = None) -> Callable:

@@ -28,8 +28,8 @@ from hybrid_video import checkpoint as ckpt_lib
 from hybrid_video import inputs as inputs_lib
 from hybrid_video import sharding as sharding_lib
 from hybrid_video.diagnostics import retention_scalars
-from hybrid_video.diffusion import (batch_condition, drop_labels, flow_matching_loss, noisy_inputs,
-                                    velocity_loss)
+from hybrid_video.diffusion import (batch_condition, drop_labels, flow_matching_loss,
+                                    model_guidance_weight, noisy_inputs, velocity_loss)
 from hybrid_video.errors import NonFiniteLossError, UserError
 from hybrid_video.metrics import MetricWriter
 from hybrid_video.nn.model import CausalDiT
@@ -92,7 +92,7 @@ def accumulated_grads(graphdef, params, batch, rng, tcfg, accum: int):
     mbatch, mnoisy = mb
     loss, grads = jax.value_and_grad(
         lambda p: velocity_loss(nnx.merge(graphdef, p), mbatch, mnoisy,
-                                float(tcfg.get("model_guidance", 0.0) or 0.0)))(params)
+                                model_guidance_weight(tcfg)))(params)
     return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
@@ -206,6 +206,10 @@ class Trainer:
     if (self.tcfg.get("label_dropout", 0.0) and model_cfg.cond == "labels"
         and abstract.null_label_index is None):
       raise UserError(f"train.label_dropout={self.tcfg.label_dropout} needs model.null_label=True")
+    if model_guidance_weight(self.tcfg) and not self.tcfg.get("label_dropout", 0.0):
+      raise UserError(f"train.model_guidance={model_guidance_weight(self.tcfg)} needs "
+                      "train.label_dropout > 0: the null label it guides against is trained "
+                      "only on dropped labels")
     self.graphdef, _ = nnx.split(abstract)
     self.graphdef_has_hybrid = bool(abstract.hybrid_layers)
     self.state_specs = train_state_specs(abstract_state, self.tx, self.rules, self.mesh)

@@ -12,6 +12,7 @@ import pytest
 
 from configs.default import get_config
 from hybrid_video import train as train_lib
+from hybrid_video.errors import UserError
 from hybrid_video.modes import train as train_mode
 from hybrid_video.video_io import read_video
 
@@ -51,6 +52,13 @@ def trained(tmp_path_factory, data_dir):
 
 def _params(state):
   return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+
+
+def test_model_guidance_needs_label_dropout(tmp_path, data_dir):
+  """train.model_guidance guides against the null label, which only dropped labels train."""
+  cfg = smoke_config(data_dir, model_guidance=0.75, label_dropout=0.0)
+  with pytest.raises(UserError, match="train.model_guidance=0.75 needs train.label_dropout"):
+    train_lib.Trainer(cfg, str(tmp_path))
 
 
 @pytest.mark.slow
