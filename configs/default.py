@@ -166,7 +166,8 @@ def sampler_config() -> ml_collections.ConfigDict:
   # Resumable streams (--mode=sample): <workdir>/samples/<output>.stream/ holds the stream
   # checkpoints and the video segments; rerunning the same command resumes after a kill.
   s.output = placeholder(str)  # video name in <workdir>/samples (no .mp4); None:
-  #                              sample_step_<step>_<N>f, a fork: <parent>_fork<chunk>_seed<seed>
+  #                              sample_step_<step>_<N>f (+ _seed<S> for seed S != 0), a fork:
+  #                              <parent>_fork<chunk>_seed<seed>
   s.checkpoint_every = 16      # chunks between stream checkpoints (and one at the end); 0 = off
   s.keep_stream_checkpoints = 3  # stream checkpoints kept (the last K); 0 = all (each one
   #                              stays forkable)

@@ -104,6 +104,16 @@ def test_smoke_main_job_end_to_end(tmp_path, data_dir):
   assert "digits (read back from the mp4): label " in r.stdout  # its three figures too
   with open(os.path.join(workdir, "samples", "sample_step_0000030_9f_digits.json")) as f:
     assert len(json.load(f)["predicted"]) == 9
+  # Another seed without sampler.output gets its own stream, not seed 0's to resume (refused).
+  seed0 = read_video(os.path.join(workdir, "samples", "sample_step_0000030_9f.mp4"))
+  r = run_main("--mode=sample", "--config=configs/default.py:smoke", f"--workdir={workdir}",
+               f"--config.data.dir={data_dir}", "--config.sampler.num_frames=9",
+               "--config.sampler.seed=1")
+  assert r.returncode == 0, r.stderr[-3000:]
+  seed1 = read_video(os.path.join(workdir, "samples", "sample_step_0000030_9f_seed1.mp4"))
+  assert seed1.shape[0] == 9 and not np.array_equal(seed1, seed0)
+  np.testing.assert_array_equal(
+      read_video(os.path.join(workdir, "samples", "sample_step_0000030_9f.mp4")), seed0)
 
 
 def _assert_one_line_error(r, *fragments):

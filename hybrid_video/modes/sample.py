@@ -161,7 +161,10 @@ def sample_main(config, workdir: str, *, overrides=None) -> streaming.StreamStat
     name = scfg.output or (f"{os.path.basename(parent_dir)[:-len('.stream')]}"
                            f"_fork{fork_chunk}_seed{scfg.seed}")
   else:
-    name = scfg.output or f"sample_step_{step:07d}_{num_frames}f"
+    # Seed 0 keeps the plain name (streams from before the suffix resume); another seed gets its
+    # own stream instead of a refusal to resume seed 0's.
+    name = scfg.output or (f"sample_step_{step:07d}_{num_frames}f"
+                           + (f"_seed{scfg.seed}" if scfg.seed else ""))
   path = os.path.join(samples, name + ".mp4")
   stream_dir = os.path.join(samples, name + ".stream")
   segments_dir = os.path.join(stream_dir, "segments")
